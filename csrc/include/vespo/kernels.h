@@ -1,0 +1,20 @@
+// Entry points of the CPU and CUDA backends. Each throws std::invalid_argument on bad parameters
+// and std::runtime_error on a backend failure; the binding turns these into Python exceptions.
+#pragma once
+#include "vespo/params.h"
+
+namespace vespo {
+namespace cpu {
+void logprob_fwd(const LogprobParams& p);
+void logprob_bwd(const LogprobParams& p);
+void seq_reduce(const SeqParams& p);
+}  // namespace cpu
+
+namespace cuda {
+void logprob_fwd(const LogprobParams& p);
+void logprob_bwd(const LogprobParams& p);
+void seq_reduce(const SeqParams& p);
+// Device count; 0 (never an exception) on a machine without a usable CUDA driver.
+int device_count();
+}  // namespace cuda
+}  // namespace vespo

@@ -1,0 +1,133 @@
+// The per-sequence and per-token math of every policy loss, shared by the CPU and CUDA kernels.
+// Everything here is double precision: it runs O(T) times, never O(T*V).
+// The readable statement of the same math is python/vespo_ext/reference.py.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "vespo/params.h"
+
+#if defined(__CUDACC__)
+#define VESPO_HD __host__ __device__ __forceinline__
+#else
+#define VESPO_HD inline
+#endif
+
+namespace vespo {
+
+VESPO_HD double clampd(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
+VESPO_HD bool finited(double x) { return !(x != x) && x < INFINITY && x > -INFINITY; }
+
+// Per-token contributions to the per-sequence statistics (phase A).
+struct TokenStats {
+  double log_ratio;  // clamp(logp - old, +-20)
+  double log_tis;    // clamp(log max(w, 1e-8), +-20), 0 without TIS
+  double kl;         // old - logp (unclamped)
+};
+
+VESPO_HD TokenStats token_stats(float logp, float old_logp, const float* is_w, int64_t t) {
+  TokenStats s;
+  const double d = (double)logp - (double)old_logp;
+  s.log_ratio = clampd(d, -20.0, 20.0);
+  s.kl = -d;
+  s.log_tis = 0.0;
+  if (is_w != nullptr) {
+    const double w = (double)is_w[t];
+    s.log_tis = clampd(log(w > 1e-8 ? w : 1e-8), -20.0, 20.0);
+  }
+  return s;
+}
+
+// Per-sequence quantities derived from phase A (written into the sequence's record).
+// rec must hold kSlotCount, kSlotLogRatio, kSlotLogTis, kSlotKl and kSlotAdvSign; this fills
+// kSlotLogW (clamped log W) and kSlotCoef (phi for VESPO, exp(s_hat) for GSPO, else 1).
+VESPO_HD void seq_coef(const SeqParams& p, double* rec) {
+  const double s = clampd(rec[kSlotLogRatio] + rec[kSlotLogTis], -20.0, 20.0);
+  rec[kSlotLogW] = s;
+  double coef = 1.0;
+  if (p.loss == LossType::kVespo) {
+    const bool pos = rec[kSlotAdvSign] >= 0.0;
+    const double k = pos ? p.p[0] : p.p[2];
+    double lam = pos ? p.p[1] : p.p[3];
+    lam = lam > 1e-4 ? lam : 1e-4;
+    const double w = exp(s);
+    const double log_phi = lam + k * log(w > 1e-8 ? w : 1e-8) - lam * w;
+    coef = exp(log_phi);
+    if (!finited(coef)) coef = 0.0;
+  } else if (p.loss == LossType::kGspo) {
+    const double cnt = rec[kSlotCount];
+    coef = -rec[kSlotKl] / (cnt > 1.0 ? cnt : 1.0);  // s_hat: mean of (logp - old), unclamped
+  }
+  rec[kSlotCoef] = coef;
+}
+
+// The per-token loss term L_t, its derivative dL_t/dlogp_t (before the aggregation weight),
+// and clip flags (bit 0: clipped, bit 1: clipped low, bit 2: clipped high).
+struct TokenLoss {
+  double value;
+  double grad;
+  int clip;
+};
+
+VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_f, float old_f,
+                              double adv, const float* is_w, int64_t t) {
+  TokenLoss out{0.0, 0.0, 0};
+  const double logp = (double)logp_f;
+  const double w_tis = is_w != nullptr ? (double)is_w[t] : 1.0;
+  switch (p.loss) {
+    case LossType::kVespo: {
+      // L = -phi * A * logp, phi a detached coefficient of the whole sequence.
+      const double phi = rec[kSlotCoef];
+      out.value = -phi * adv * logp;
+      out.grad = -phi * adv;
+      break;
+    }
+    case LossType::kGrpo: {
+      // PPO clip with dual clip; TIS weights multiply the per-token loss.
+      const double d = logp - (double)old_f;
+      const double dc = clampd(d, -20.0, 20.0);
+      const double r = exp(dc);
+      const double dr = (d >= -20.0 && d <= 20.0) ? r : 0.0;
+      const double lo = 1.0 - p.p[0], hi = 1.0 + p.p[1];
+      const double rc = clampd(r, lo, hi);
+      const double pg1 = -adv * r, pg2 = -adv * rc;
+      double v, g;
+      if (pg2 > pg1) {  // the clipped branch is the max: constant in logp
+        v = pg2;
+        g = (r >= lo && r <= hi) ? -adv * dr : 0.0;
+        out.clip |= 1 | (r < lo ? 2 : 0) | (r > hi ? 4 : 0);
+      } else {
+        v = pg1;
+        g = -adv * dr;
+      }
+      if (adv < 0.0) {
+        const double pg3 = -adv * p.p[2];
+        if (v > pg3) {  // dual clip
+          v = pg3;
+          g = 0.0;
+        }
+      }
+      out.value = v * w_tis;
+      out.grad = g * w_tis;
+      break;
+    }
+    default:
+      break;
+  }
+  return out;
+}
+
+// Aggregation weight a_i of every token of sequence i (phase C). denom is the normaliser:
+// counted tokens (token-mean), non-empty sequences (seq-mean-*), or norm_len (sum-norm),
+// unless the caller's `norm` overrides it.
+VESPO_HD double agg_weight(Agg agg, double denom, double count) {
+  if (count <= 0.0) return 0.0;
+  switch (agg) {
+    case Agg::kSeqMeanTokenMean:
+      return 1.0 / (denom * (count + 1e-8));
+    default:
+      return 1.0 / denom;
+  }
+}
+
+}  // namespace vespo

@@ -1,0 +1,26 @@
+"""vespo_ext: fused VESPO (and baseline) policy-loss kernels for CPU and CUDA.
+
+    from vespo_ext import vespo_loss
+    loss = vespo_loss(logits, labels, old_logp, advantages, mask)
+
+Importing this package is cheap: torch and the compiled modules load on first use.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["vespo_loss", "policy_loss", "token_logprobs", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
+
+from ._spec import AGGS, LOSSES, METRIC_NAMES  # noqa: E402  (no torch import)
+
+
+def __getattr__(name):
+    if name in ("vespo_loss", "policy_loss", "token_logprobs"):
+        from . import ops
+
+        return getattr(ops, name)
+    if name in ("reference", "dlpack_api", "ops", "integrations"):
+        import importlib
+
+        return importlib.import_module(f"vespo_ext.{name}")
+    raise AttributeError(f"module 'vespo_ext' has no attribute {name!r}")

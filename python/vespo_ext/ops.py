@@ -1,0 +1,254 @@
+"""The fused ops as torch custom ops (torch.library): eager, autograd, torch.compile and opcheck.
+
+Three kernels run per step (see csrc/include/vespo/params.h): logprob_fwd reads each logits row once,
+seq_reduce does the per-sequence math on device, logprob_bwd reads each row once more and writes
+the gradient once. Nothing of size T x V is allocated besides the gradient itself (or nothing at all
+with grad_inplace=True).
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend, reference
+from ._inputs import check_cu_seqlens, check_logits_labels, check_temperature, pack_inputs
+from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
+
+_NO_IGNORE = -(2**63)  # ignore_index that matches no label: every counted label must be in [0, V)
+_SEQ_STRIDE = 12  # doubles per sequence record (kSeqStride in params.h; checked by the tests)
+
+
+def _launch(t: Tensor) -> dict:
+    if t.device.type == "cuda":
+        return {"num_threads": 1, "stream": torch.cuda.current_stream(t.device).cuda_stream}
+    return {"num_threads": torch.get_num_threads(), "stream": 0}
+
+
+def _guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
+
+
+def _dl(t: Optional[Tensor]) -> Optional[Tensor]:
+    """What crosses into C++: no autograd, bool as uint8 (a view)."""
+    if t is None:
+        return None
+    t = t.detach()
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _raise_bad_label(bad: Tensor, labels: Tensor, V: int) -> None:
+    row = int(bad.item())  # one host sync; the only one of the forward
+    if row:
+        raise IndexError(f"labels[{row - 1}] = {int(labels[row - 1])} is outside [0, {V}) at a counted position "
+                         "(give such positions mask=0)")
+
+
+# ---------------------------------------------------------------------------------------------
+# vespo::policy_loss_fwd — logprob_fwd + seq_reduce
+@torch.library.custom_op("vespo::policy_loss_fwd", mutates_args=())
+def _policy_loss_fwd(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
+                     cu_seqlens: Tensor, rollout_is_weights: Optional[Tensor], norm: Optional[Tensor],
+                     inv_temperature: float, loss_type: int, params: list[float], agg: int, norm_len: float,
+                     grad_inplace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mod = _backend.module_for(logits.device)
+    T, V = logits.shape
+    f32 = {"dtype": torch.float32, "device": logits.device}
+    logp, lse, dlogp = torch.empty(T, **f32), torch.empty(T, **f32), torch.empty(T, **f32)
+    loss, metrics = torch.empty(1, **f32), torch.empty(len(METRIC_NAMES), **f32)
+    bad = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    S = cu_seqlens.numel() - 1
+    ws = torch.empty((S + 1) * _SEQ_STRIDE, dtype=torch.float64, device=logits.device)
+    la = _launch(logits)
+    with _guard(logits):
+        mod.logprob_fwd(_dl(logits), _dl(labels), _dl(mask), logp, lse, None, bad, inv_temperature=inv_temperature,
+                        ignore_index=_NO_IGNORE, **la)
+        _raise_bad_label(bad, labels, V)
+        mod.seq_reduce(_dl(cu_seqlens), logp, _dl(old_logp), _dl(advantages), _dl(mask), _dl(rollout_is_weights),
+                       _dl(norm), loss, dlogp, metrics, ws, loss_type=loss_type, params=params, agg=agg,
+                       norm_len=norm_len, **la)
+    return loss.reshape(()), logp, lse, dlogp, metrics
+
+
+@_policy_loss_fwd.register_fake
+def _(logits, labels, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm, inv_temperature, loss_type,
+      params, agg, norm_len, grad_inplace):
+    T = logits.shape[0]
+    f32 = {"dtype": torch.float32, "device": logits.device}
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty((T,), **f32), logits.new_empty((T,), **f32),
+            logits.new_empty((T,), **f32), logits.new_empty((len(METRIC_NAMES),), **f32))
+
+
+# ---------------------------------------------------------------------------------------------
+# vespo::logprob_bwd (new gradient) and vespo::logprob_bwd_ (gradient written over the logits)
+def _bwd_into(grad: Tensor, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature) -> None:
+    mod = _backend.module_for(logits.device)
+    scale = grad_loss.detach().reshape(1).to(torch.float32).contiguous()
+    with _guard(logits):
+        mod.logprob_bwd(_dl(logits), _dl(labels), _dl(mask), _dl(logp), _dl(lse), _dl(dlogp), scale, _dl(grad),
+                        inv_temperature=inv_temperature, ignore_index=_NO_IGNORE, **_launch(logits))
+
+
+@torch.library.custom_op("vespo::logprob_bwd", mutates_args=())
+def _logprob_bwd(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor, dlogp: Tensor,
+                 grad_loss: Tensor, inv_temperature: float) -> Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _bwd_into(grad, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature)
+    return grad
+
+
+@_logprob_bwd.register_fake
+def _(logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("vespo::logprob_bwd_", mutates_args=("logits",))
+def _logprob_bwd_inplace(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor,
+                         dlogp: Tensor, grad_loss: Tensor, inv_temperature: float) -> None:
+    _bwd_into(logits, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature)
+
+
+@_logprob_bwd_inplace.register_fake
+def _(logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, _, _, mask, _, _, _, inv_temperature, _, _, _, _, grad_inplace = inputs
+    _, logp, lse, dlogp, _ = output
+    ctx.save_for_backward(logits, labels, mask, logp, lse, dlogp)
+    ctx.inv_temperature = inv_temperature
+    ctx.grad_inplace = grad_inplace
+
+
+def _backward(ctx, grad_loss, _g_logp, _g_lse, _g_dlogp, _g_metrics):
+    logits, labels, mask, logp, lse, dlogp = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        if ctx.grad_inplace:
+            torch.ops.vespo.logprob_bwd_(logits, labels, mask, logp, lse, dlogp, grad_loss, ctx.inv_temperature)
+            grad = logits
+        else:
+            grad = torch.ops.vespo.logprob_bwd(logits, labels, mask, logp, lse, dlogp, grad_loss, ctx.inv_temperature)
+    return (grad,) + (None,) * 13
+
+
+_policy_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# vespo::token_logprobs — no-grad log-probs (and entropy) in one read of the logits
+@torch.library.custom_op("vespo::token_logprobs", mutates_args=())
+def _token_logprobs(logits: Tensor, labels: Tensor, inv_temperature: float, with_entropy: bool,
+                    ignore_index: int) -> tuple[Tensor, Tensor]:
+    mod = _backend.module_for(logits.device)
+    T, V = logits.shape
+    f32 = {"dtype": torch.float32, "device": logits.device}
+    logp, lse = torch.empty(T, **f32), torch.empty(T, **f32)
+    entropy = torch.empty(T if with_entropy else 0, **f32)
+    bad = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    with _guard(logits):
+        mod.logprob_fwd(_dl(logits), _dl(labels), None, logp, lse, entropy if with_entropy else None, bad,
+                        inv_temperature=inv_temperature, ignore_index=ignore_index, **_launch(logits))
+    row = int(bad.item())
+    if row:
+        raise IndexError(f"labels[{row - 1}] = {int(labels[row - 1])} is outside [0, {V}) and is not "
+                         f"ignore_index={ignore_index}")
+    return logp, entropy
+
+
+@_token_logprobs.register_fake
+def _(logits, labels, inv_temperature, with_entropy, ignore_index):
+    T = logits.shape[0]
+    return (logits.new_empty((T,), dtype=torch.float32),
+            logits.new_empty((T if with_entropy else 0,), dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+_warned_fallback: set = set()
+
+
+def _use_reference(logits: Tensor) -> bool:
+    if logits.dtype == torch.float64:
+        return True  # the kernels compute in fp32; float64 inputs get the exact reference
+    if _backend.has_kernels(logits.device):
+        return False
+    key = logits.device.type
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        warnings.warn(f"vespo_ext: no compiled kernels for device {key!r}; using the pure-torch reference "
+                      "(correct but slower, with T x V temporaries)", RuntimeWarning, stacklevel=3)
+    return True
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo", cu_seqlens=None,
+                rollout_is_weights=None, temperature=1.0, agg=None, norm=None, return_metrics=False,
+                grad_inplace=False, **params):
+    """Any of the policy losses (vespo, grpo, ...) fused from logits to scalar loss.
+
+    Layouts: padded logits (B, L, V) with (B, L) per-token tensors and advantages (B,) or (B, L);
+    packed logits (T, V) with (T,) per-token tensors, cu_seqlens (S+1,) and advantages (S,) or (T,).
+    Returns the 0-d loss, or (loss, metrics) with return_metrics=True (0-d tensors, no host sync).
+    grad_inplace=True writes the gradient over the logits' own storage in backward (saves a T x V
+    buffer; the logits' values are destroyed, so nothing else may need them after backward).
+    """
+    agg, values = resolve_loss(loss, agg, params)
+    if not isinstance(grad_inplace, bool):
+        raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
+    if isinstance(logits, torch.Tensor) and logits.dtype == torch.float64 or (
+            isinstance(logits, torch.Tensor) and _use_reference(logits)):
+        return reference.policy_loss(logits, labels, old_logp, advantages, mask, loss=loss, cu_seqlens=cu_seqlens,
+                                     rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg,
+                                     norm=norm, return_metrics=return_metrics, **params)
+    pk = pack_inputs(logits, labels, old_logp, advantages, mask, cu_seqlens=cu_seqlens,
+                     rollout_is_weights=rollout_is_weights, temperature=temperature, norm=norm)
+    out, _, _, _, metrics = torch.ops.vespo.policy_loss_fwd(
+        pk.logits, pk.labels.contiguous(), _f32(pk.old_logp), _f32(pk.advantages),
+        None if pk.mask is None else pk.mask.contiguous(), pk.cu_seqlens, _f32(pk.rollout_is_weights), pk.norm,
+        1.0 / pk.temperature, LOSS_IDS[loss], values, AGG_IDS[agg], pk.norm_len, grad_inplace)
+    if not return_metrics:
+        return out
+    return out, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+
+
+def vespo_loss(logits, labels, old_logp, advantages, mask=None, *, cu_seqlens=None, rollout_is_weights=None,
+               temperature=1.0, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0, agg="token-mean", norm=None,
+               return_metrics=False, grad_inplace=False):
+    """Fused VESPO loss: -phi(W_i) * A * log pi(y_t), phi(W) = W^k e^{lambda (1 - W)}, aggregated by `agg`."""
+    return policy_loss(logits, labels, old_logp, advantages, mask, loss="vespo", cu_seqlens=cu_seqlens,
+                       rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg, norm=norm,
+                       return_metrics=return_metrics, grad_inplace=grad_inplace, k_pos=k_pos,
+                       lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg)
+
+
+def token_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, return_entropy=False, ignore_index=-100):
+    """log softmax(logits / temperature)[label] per token (float32, no grad), optionally the entropy.
+
+    One read of the logits. Labels equal to ignore_index give 0; any other label outside [0, V)
+    raises IndexError. cu_seqlens is accepted (and validated) for symmetry with the loss ops.
+    """
+    check_logits_labels(logits, labels)
+    temperature = check_temperature(temperature)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, labels.numel(), logits.device)
+    if _use_reference(logits):
+        with torch.no_grad():
+            return reference.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
+                                            ignore_index=ignore_index)
+    shape, V = logits.shape[:-1], logits.shape[-1]
+    flat = logits.detach().reshape(-1, V)
+    if flat.shape[0] > 0 and flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    logp, entropy = torch.ops.vespo.token_logprobs(flat, labels.reshape(-1).to(torch.int64).contiguous(),
+                                                   1.0 / temperature, bool(return_entropy), int(ignore_index))
+    if return_entropy:
+        return logp.reshape(shape), entropy.reshape(shape)
+    return logp.reshape(shape)
