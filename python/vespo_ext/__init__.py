@@ -9,13 +9,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["vespo_loss", "policy_loss", "token_logprobs", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
+__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
 
 from ._spec import AGGS, LOSSES, METRIC_NAMES  # noqa: E402  (no torch import)
 
 
 def __getattr__(name):
-    if name in ("vespo_loss", "policy_loss", "token_logprobs"):
+    if name in ("vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs"):
         from . import ops
 
         return getattr(ops, name)

@@ -154,3 +154,46 @@ def pack_inputs(logits, labels, old_logp, advantages, mask, *, cu_seqlens, rollo
         rollout_is_weights=isw, cu_seqlens=cu, norm=check_norm(norm, dev), norm_len=norm_len,
         temperature=temperature, shape=tuple(logits.shape),
     )
+
+
+def pack_logp_inputs(logp, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights, norm):
+    """Validate a log-prob-level call: logp (B, L) padded or (T,) packed with cu_seqlens.
+
+    Returns (logp, old, adv, mask, isw, cu, norm, norm_len) in packed 1-D form."""
+    _is_tensor(logp, "logp")
+    _is_tensor(old_logp, "old_logp")
+    _is_tensor(advantages, "advantages")
+    if not logp.dtype.is_floating_point:
+        raise TypeError(f"logp must be a floating-point tensor, got {logp.dtype}")
+    if logp.dim() not in (1, 2):
+        raise ValueError(f"logp must be (T,) packed or (B, L) padded, got shape {tuple(logp.shape)}")
+    dev = logp.device
+    # _per_token checks shapes against logits.shape[:-1]; give it a stand-in with a trailing dim.
+    stand_in = logp.unsqueeze(-1)
+    old = _per_token(old_logp, "old_logp", stand_in)
+    isw = _per_token(rollout_is_weights, "rollout_is_weights", stand_in)
+    m = _per_token(mask, "mask", stand_in, floating=False)
+    if m is not None and m.dtype != torch.bool:
+        m = m != 0
+    if advantages.device != dev:
+        raise ValueError(f"advantages must be on logp's device {dev}, got {advantages.device}")
+    if not advantages.dtype.is_floating_point:
+        raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
+    if logp.dim() == 2:
+        B, L = logp.shape
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is only for packed (T,) logp; padded (B, L) logp implies it")
+        if tuple(advantages.shape) not in ((B,), (B, L)):
+            raise ValueError(f"advantages must have shape ({B},) or ({B}, {L}), got {tuple(advantages.shape)}")
+        cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * L
+        norm_len = float(L)
+    else:
+        T = logp.shape[0]
+        if cu_seqlens is None:
+            raise ValueError("cu_seqlens (S+1,) is required with packed (T,) logp")
+        cu = check_cu_seqlens(cu_seqlens, T, dev)
+        S = cu.numel() - 1
+        if advantages.dim() != 1 or advantages.shape[0] not in (S, T):
+            raise ValueError(f"advantages must have shape ({S},) or ({T},), got {tuple(advantages.shape)}")
+        norm_len = 0.0
+    return logp.reshape(-1), old, advantages.reshape(-1), m, isw, cu, check_norm(norm, dev), norm_len

@@ -17,7 +17,7 @@ LOSS_PARAMS: dict[str, dict[str, float]] = {
 }
 DEFAULT_AGG = {"vespo": "token-mean", "grpo": "token-mean", "cispo": "token-mean",
                "gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean"}
-IMPLEMENTED_LOSSES = ("vespo", "grpo")
+IMPLEMENTED_LOSSES = LOSSES
 
 # Order of the metrics vector (csrc/include/vespo/params.h, enum Metric).
 METRIC_NAMES = (

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._inputs import check_cu_seqlens, check_logits_labels, check_temperature, pack_inputs
+from ._inputs import check_cu_seqlens, check_logits_labels, check_temperature, pack_inputs, pack_logp_inputs
 from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 
 _NO_IGNORE = -(2**63)  # ignore_index that matches no label: every counted label must be in [0, V)
-_SEQ_STRIDE = 12  # doubles per sequence record (kSeqStride in params.h; checked by the tests)
+_SEQ_STRIDE = 13  # doubles per sequence record (kSeqStride in params.h; checked by the tests)
 
 
 def _launch(t: Tensor) -> dict:
@@ -168,6 +168,43 @@ def _(logits, labels, inv_temperature, with_entropy, ignore_index):
 
 
 # ---------------------------------------------------------------------------------------------
+# vespo::seq_loss — the sequence-level part alone, for trainers that already have log-probs
+@torch.library.custom_op("vespo::seq_loss", mutates_args=())
+def _seq_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], cu_seqlens: Tensor,
+              rollout_is_weights: Optional[Tensor], norm: Optional[Tensor], loss_type: int, params: list[float],
+              agg: int, norm_len: float) -> tuple[Tensor, Tensor, Tensor]:
+    mod = _backend.module_for(logp.device)
+    T = logp.shape[0]
+    f32 = {"dtype": torch.float32, "device": logp.device}
+    loss, dlogp, metrics = torch.empty(1, **f32), torch.empty(T, **f32), torch.empty(len(METRIC_NAMES), **f32)
+    ws = torch.empty((cu_seqlens.numel()) * _SEQ_STRIDE, dtype=torch.float64, device=logp.device)
+    with _guard(logp):
+        mod.seq_reduce(_dl(cu_seqlens), _dl(logp), _dl(old_logp), _dl(advantages), _dl(mask), _dl(rollout_is_weights),
+                       _dl(norm), loss, dlogp, metrics, ws, loss_type=loss_type, params=params, agg=agg,
+                       norm_len=norm_len, **_launch(logp))
+    return loss.reshape(()), dlogp, metrics
+
+
+@_seq_loss.register_fake
+def _(logp, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm, loss_type, params, agg, norm_len):
+    T = logp.shape[0]
+    return (logp.new_empty((), dtype=torch.float32), logp.new_empty((T,), dtype=torch.float32),
+            logp.new_empty((len(METRIC_NAMES),), dtype=torch.float32))
+
+
+def _seq_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _seq_loss_backward(ctx, grad_loss, _g_dlogp, _g_metrics):
+    (dlogp,) = ctx.saved_tensors
+    return (dlogp * grad_loss if ctx.needs_input_grad[0] else None,) + (None,) * 10
+
+
+_seq_loss.register_autograd(_seq_loss_backward, setup_context=_seq_loss_setup)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public API
 _warned_fallback: set = set()
 
@@ -203,8 +240,7 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo"
     agg, values = resolve_loss(loss, agg, params)
     if not isinstance(grad_inplace, bool):
         raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__}")
-    if isinstance(logits, torch.Tensor) and logits.dtype == torch.float64 or (
-            isinstance(logits, torch.Tensor) and _use_reference(logits)):
+    if isinstance(logits, torch.Tensor) and _use_reference(logits):
         return reference.policy_loss(logits, labels, old_logp, advantages, mask, loss=loss, cu_seqlens=cu_seqlens,
                                      rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg,
                                      norm=norm, return_metrics=return_metrics, **params)
@@ -252,3 +288,25 @@ def token_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, return_e
     if return_entropy:
         return logp.reshape(shape), entropy.reshape(shape)
     return logp.reshape(shape)
+
+
+def policy_loss_from_logp(logp, old_logp, advantages, mask=None, *, loss="vespo", cu_seqlens=None,
+                          rollout_is_weights=None, agg=None, norm=None, return_metrics=False, **params):
+    """Any policy loss from per-token log-probs (B, L) or packed (T,) with cu_seqlens; differentiable in logp.
+
+    For trainers that already compute log pi (veRL, TRL): the sequence reduction, the weights and the
+    aggregation run fused (CPU or CUDA); the gradient w.r.t. logp is exact.
+    """
+    agg, values = resolve_loss(loss, agg, params)
+    lp, old, adv, m, isw, cu, nrm, norm_len = pack_logp_inputs(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens,
+                                                               rollout_is_weights=rollout_is_weights, norm=norm)
+    if logp.dtype == torch.float64 or _use_reference(logp):
+        out = reference.policy_loss_from_logp(lp, old, adv, m, loss=loss, cu_seqlens=cu, rollout_is_weights=isw, agg=agg,
+                                              norm=nrm, norm_len=norm_len, return_metrics=return_metrics, **params)
+        return out
+    out, _, metrics = torch.ops.vespo.seq_loss(
+        lp.to(torch.float32).contiguous(), _f32(old), _f32(adv), None if m is None else m.contiguous(), cu, _f32(isw),
+        nrm, LOSS_IDS[loss], values, AGG_IDS[agg], norm_len)
+    if not return_metrics:
+        return out
+    return out, dict(zip(METRIC_NAMES, metrics.unbind(0)))

@@ -106,9 +106,33 @@ def policy_loss_from_logp(logp, old_logp, advantages, mask=None, *, loss="vespo"
         clip_low, clip_high = clip & (ratio < 1 - eps_low), clip & (ratio > 1 + eps_high)
         dual = torch.minimum(-adv_tok * c, clip1)
         per_token = torch.where(adv_tok < 0, dual, clip1)
-        if w is not None:
-            per_token = per_token * w
         coef = torch.ones(S, dtype=dt, device=logp.device)
+    elif loss == "gspo":
+        eps_low, eps_high = p
+        s_hat = -kl / torch.clamp(cnt, min=1.0)  # mean of (log pi - log mu) per sequence, unclamped
+        log_s = torch.clamp(s_hat.detach()[seq] + lp - lp.detach(), max=10.0)
+        ratio = torch.exp(log_s)
+        pg1 = -adv_tok * ratio
+        pg2 = -adv_tok * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        per_token = torch.maximum(pg1, pg2)
+        clip = m & (pg2 > pg1)
+        clip_low, clip_high = clip & (ratio < 1 - eps_low), clip & (ratio > 1 + eps_high)
+        coef = torch.exp(torch.clamp(s_hat, max=10.0))
+    elif loss == "sapo":
+        tau_pos, tau_neg = p
+        ratio = torch.exp(torch.clamp(lp - old, -20.0, 20.0))
+        tau = torch.where(adv_seq > 0, tau_pos, tau_neg).to(dt)[seq]
+        per_token = -4.0 * torch.sigmoid(tau * (ratio - 1.0)) / (tau + 1e-8) * adv_tok
+        coef = torch.ones(S, dtype=dt, device=logp.device)
+    elif loss == "cispo":
+        eps_low, eps_high = p
+        ratio = torch.exp(lp.detach() - old)
+        clip_low, clip_high = m & (ratio < 1 - eps_low), m & (ratio > 1 + eps_high)
+        clip = clip_low | clip_high
+        per_token = -torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv_tok * lp
+        coef = torch.ones(S, dtype=dt, device=logp.device)
+    if w is not None and loss != "vespo":
+        per_token = per_token * w  # TIS weights multiply the per-token loss (VESPO folds them into W)
     per_token = torch.where(m, per_token, zero)
 
     # Aggregation.

@@ -40,7 +40,8 @@ VESPO_HD TokenStats token_stats(float logp, float old_logp, const float* is_w, i
 
 // Per-sequence quantities derived from phase A (written into the sequence's record).
 // rec must hold kSlotCount, kSlotLogRatio, kSlotLogTis, kSlotKl and kSlotAdvSign; this fills
-// kSlotLogW (clamped log W) and kSlotCoef (phi for VESPO, exp(s_hat) for GSPO, else 1).
+// kSlotLogW (clamped log W), kSlotCoef (phi for VESPO, the sequence ratio exp(min(s_hat, 10)) for
+// GSPO, else 1) and kSlotAux (s_hat for GSPO).
 VESPO_HD void seq_coef(const SeqParams& p, double* rec) {
   const double s = clampd(rec[kSlotLogRatio] + rec[kSlotLogTis], -20.0, 20.0);
   rec[kSlotLogW] = s;
@@ -54,15 +55,20 @@ VESPO_HD void seq_coef(const SeqParams& p, double* rec) {
     const double log_phi = lam + k * log(w > 1e-8 ? w : 1e-8) - lam * w;
     coef = exp(log_phi);
     if (!finited(coef)) coef = 0.0;
-  } else if (p.loss == LossType::kGspo) {
+  }
+  rec[kSlotAux] = 0.0;
+  if (p.loss == LossType::kGspo) {
     const double cnt = rec[kSlotCount];
-    coef = -rec[kSlotKl] / (cnt > 1.0 ? cnt : 1.0);  // s_hat: mean of (logp - old), unclamped
+    const double s_hat = -rec[kSlotKl] / (cnt > 1.0 ? cnt : 1.0);  // mean of (logp - old), unclamped
+    rec[kSlotAux] = s_hat;
+    coef = exp(s_hat < 10.0 ? s_hat : 10.0);
   }
   rec[kSlotCoef] = coef;
 }
 
 // The per-token loss term L_t, its derivative dL_t/dlogp_t (before the aggregation weight),
-// and clip flags (bit 0: clipped, bit 1: clipped low, bit 2: clipped high).
+// and clip flags (bit 0: clipped, bit 1: clipped low, bit 2: clipped high). Derivatives follow
+// torch's autograd conventions at the kinks (clamp passes the gradient at its bounds, inclusive).
 struct TokenLoss {
   double value;
   double grad;
@@ -85,12 +91,10 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
     case LossType::kGrpo: {
       // PPO clip with dual clip; TIS weights multiply the per-token loss.
       const double d = logp - (double)old_f;
-      const double dc = clampd(d, -20.0, 20.0);
-      const double r = exp(dc);
+      const double r = exp(clampd(d, -20.0, 20.0));
       const double dr = (d >= -20.0 && d <= 20.0) ? r : 0.0;
       const double lo = 1.0 - p.p[0], hi = 1.0 + p.p[1];
-      const double rc = clampd(r, lo, hi);
-      const double pg1 = -adv * r, pg2 = -adv * rc;
+      const double pg1 = -adv * r, pg2 = -adv * clampd(r, lo, hi);
       double v, g;
       if (pg2 > pg1) {  // the clipped branch is the max: constant in logp
         v = pg2;
@@ -109,6 +113,48 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
       }
       out.value = v * w_tis;
       out.grad = g * w_tis;
+      break;
+    }
+    case LossType::kGspo: {
+      // Sequence ratio s = exp(min(sg(s_hat) + logp - sg(logp), 10)): value exp(min(s_hat, 10)),
+      // d s / d logp = s while s_hat <= 10. Then PPO's clip on s.
+      const double s_hat = rec[kSlotAux], s = rec[kSlotCoef];
+      const double ds = s_hat <= 10.0 ? s : 0.0;
+      const double lo = 1.0 - p.p[0], hi = 1.0 + p.p[1];
+      const double pg1 = -adv * s, pg2 = -adv * clampd(s, lo, hi);
+      if (pg2 > pg1) {
+        out.value = pg2;
+        out.grad = (s >= lo && s <= hi) ? -adv * ds : 0.0;
+        out.clip |= 1 | (s < lo ? 2 : 0) | (s > hi ? 4 : 0);
+      } else {
+        out.value = pg1;
+        out.grad = -adv * ds;
+      }
+      out.value *= w_tis;
+      out.grad *= w_tis;
+      break;
+    }
+    case LossType::kSapo: {
+      // Soft gate f(r) = 4 sigma(tau (r - 1)) / (tau + 1e-8), tau by the sequence's advantage sign.
+      const double d = logp - (double)old_f;
+      const double r = exp(clampd(d, -20.0, 20.0));
+      const double dr = (d >= -20.0 && d <= 20.0) ? r : 0.0;
+      const double tau = rec[kSlotAdvSign] > 0.0 ? p.p[0] : p.p[1];
+      const double sig = 1.0 / (1.0 + exp(-tau * (r - 1.0)));
+      const double scale = 4.0 / (tau + 1e-8);
+      out.value = -scale * sig * adv * w_tis;
+      out.grad = -scale * sig * (1.0 - sig) * tau * dr * adv * w_tis;
+      break;
+    }
+    case LossType::kCispo: {
+      // L = -sg(clamp(r, 1 - eps_low, 1 + eps_high)) * A * logp.
+      const double d = logp - (double)old_f;
+      const double r = exp(d);
+      const double lo = 1.0 - p.p[0], hi = 1.0 + p.p[1];
+      const double rc = clampd(r, lo, hi);
+      if (r < lo || r > hi) out.clip |= 1 | (r < lo ? 2 : 0) | (r > hi ? 4 : 0);
+      out.value = -rc * adv * logp * w_tis;
+      out.grad = -rc * adv * w_tis;
       break;
     }
     default:
