@@ -19,6 +19,8 @@ namespace {
 
 inline bool counted(const uint8_t* mask, int64_t t) { return mask == nullptr || mask[t] != 0; }
 
+constexpr int64_t kChunk = 2048;  // elements per online-softmax chunk (<= 8 KiB of fp32: stays in L1)
+
 // Keeps the smallest bad row (1-based) seen by any thread.
 void note_bad_row(std::atomic<int64_t>* bad, int64_t row1) {
   int64_t cur = bad->load();
@@ -39,40 +41,57 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
       continue;
     }
     const T* z = base + t * p.row_stride;
-    const int64_t Vv = V - V % (2 * kVec);
-    // Pass 1: row max (two vector accumulators, then the scalar tail).
-    v8f m0 = vsplat(-INFINITY), m1 = m0;
-    for (int64_t v = 0; v < Vv; v += 2 * kVec) {
-      m0 = vmax(m0, vload(z + v));
-      m1 = vmax(m1, vload(z + v + kVec));
+    // Online softmax over L1-sized chunks: the chunk's max, then its exp-sum from L1, rescaling the
+    // running sums when the max grows. Sums are relative to the running max ms (in z / tau units):
+    // s = sum e^x, s2 = sum e^x * x with x = z * it - ms.
+    float ms = -INFINITY, s = 0.f, s2 = 0.f;
+    const bool want_entropy = p.entropy != nullptr;
+    for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+      const int64_t n = V - c0 < kChunk ? V - c0 : kChunk, nv = n - n % (2 * kVec);
+      const T* zc = z + c0;
+      v8f m0 = vsplat(-INFINITY), m1 = m0;
+      for (int64_t v = 0; v < nv; v += 2 * kVec) {
+        m0 = vmax(m0, vload(zc + v));
+        m1 = vmax(m1, vload(zc + v + kVec));
+      }
+      float cm = hmax(vmax(m0, m1));
+      for (int64_t v = nv; v < n; ++v) cm = load(zc, v) > cm ? load(zc, v) : cm;
+      cm *= it;
+      if (cm > ms) {  // rescale what was summed relative to the old max
+        const float delta = cm - ms, scale = fast_expf(-delta);
+        if (want_entropy) s2 = s == 0.f ? 0.f : scale * (s2 - delta * s);
+        s *= scale;
+        ms = cm;
+      }
+      if (ms == -INFINITY) continue;  // everything so far is -inf: contributes 0
+      const v8f vit = vsplat(it), vms = vsplat(ms), vfloor = vsplat(-100.f);
+      v8f s0 = vsplat(0.f), s1 = s0, e0 = s0, e1 = s0;
+      if (want_entropy) {
+        for (int64_t v = 0; v < nv; v += 2 * kVec) {
+          const v8f x0 = vload(zc + v) * vit - vms, x1 = vload(zc + v + kVec) * vit - vms;
+          const v8f a0 = vexp(x0), a1 = vexp(x1);
+          s0 += a0; s1 += a1;
+          // e^x * x with x floored at -100 (where e^x is 0), so -inf logits add 0, not NaN.
+          e0 += a0 * vmax(x0, vfloor); e1 += a1 * vmax(x1, vfloor);
+        }
+        float ts = hsum(s0 + s1), ts2 = hsum(e0 + e1);
+        for (int64_t v = nv; v < n; ++v) {
+          const float x = load(zc, v) * it - ms, e = fast_expf(x);
+          ts += e;
+          ts2 += e * (x > -100.f ? x : -100.f);
+        }
+        s += ts;
+        s2 += ts2;
+      } else {
+        for (int64_t v = 0; v < nv; v += 2 * kVec) {
+          s0 += vexp(vload(zc + v) * vit - vms);
+          s1 += vexp(vload(zc + v + kVec) * vit - vms);
+        }
+        float ts = hsum(s0 + s1);
+        for (int64_t v = nv; v < n; ++v) ts += fast_expf(load(zc, v) * it - ms);
+        s += ts;
+      }
     }
-    float m = hmax(vmax(m0, m1));
-    for (int64_t v = Vv; v < V; ++v) m = load(z, v) > m ? load(z, v) : m;
-    const float ms = m * it;  // max of z / tau (tau > 0)
-    // Pass 2 (the row is now in L2): sum of exp, and sum of exp * x for the entropy.
-    const v8f vit = vsplat(it), vms = vsplat(ms);
-    v8f s0 = vsplat(0.f), s1 = s0, e0 = s0, e1 = s0;
-    float s = 0.f, s2 = 0.f;
-    if (p.entropy) {
-      for (int64_t v = 0; v < Vv; v += 2 * kVec) {
-        const v8f x0 = vload(z + v) * vit - vms, x1 = vload(z + v + kVec) * vit - vms;
-        const v8f a0 = vexp(x0), a1 = vexp(x1);
-        s0 += a0; s1 += a1; e0 += a0 * x0; e1 += a1 * x1;
-      }
-      for (int64_t v = Vv; v < V; ++v) {
-        const float x = load(z, v) * it - ms, e = fast_expf(x);
-        s += e;
-        s2 += e * x;
-      }
-      s2 += hsum(e0 + e1);
-    } else {
-      for (int64_t v = 0; v < Vv; v += 2 * kVec) {
-        s0 += vexp(vload(z + v) * vit - vms);
-        s1 += vexp(vload(z + v + kVec) * vit - vms);
-      }
-      for (int64_t v = Vv; v < V; ++v) s += fast_expf(load(z, v) * it - ms);
-    }
-    s += hsum(s0 + s1);
     const float lse = ms + std::log(s);
     p.lse[t] = lse;
     if (p.entropy) p.entropy[t] = std::log(s) - s2 / s;

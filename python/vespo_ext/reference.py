@@ -34,7 +34,8 @@ def token_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, return_e
     logp = torch.where(valid, x.gather(-1, labels.clamp(0, V - 1).long().unsqueeze(-1)).squeeze(-1) - lse, 0.0)
     if not return_entropy:
         return logp
-    entropy = lse - (torch.softmax(x, dim=-1) * x).sum(-1)
+    p = torch.softmax(x, dim=-1)
+    entropy = lse - torch.where(p > 0, p * x, 0.0).sum(-1)  # -inf logits have p = 0 and add nothing
     return logp, entropy
 
 
