@@ -85,6 +85,7 @@ class Array {
     throw std::invalid_argument(std::string(kModule) + ": argument '" + name_ + "' " + what);
   }
   void require_device() const {
+    if (!present()) fail("is required, got None");
     const int dt = t().device.device_type;
     const bool ok = kIsCuda ? (dt == vespo::dl::kCUDA || dt == vespo::dl::kCUDAManaged) : (dt == vespo::dl::kCPU);
     if (!ok) fail(std::string("must live on ") + (kIsCuda ? "a CUDA device" : "the CPU") + ", got DLPack device type " + std::to_string(dt));
@@ -98,6 +99,7 @@ class Array {
     require_dtype(dtypes, dtype_names);
   }
   void require_dtype(std::initializer_list<std::pair<uint8_t, uint8_t>> dtypes, const char* dtype_names) const {
+    if (!present()) fail("is required, got None");
     for (auto d : dtypes)
       if (t().dtype.code == d.first && t().dtype.bits == d.second && t().dtype.lanes == 1) return;
     fail(std::string("must have dtype ") + dtype_names + ", got DLPack code " + std::to_string(t().dtype.code) + " bits " +
@@ -115,6 +117,7 @@ const std::initializer_list<std::pair<uint8_t, uint8_t>> kI64 = {{vespo::dl::kIn
 const std::initializer_list<std::pair<uint8_t, uint8_t>> kMaskTypes = {{vespo::dl::kUInt, 8}, {vespo::dl::kBool, 8}};
 
 DType logits_dtype(const Array& a) {
+  if (!a.present()) a.fail("is required, got None");
   const auto& d = a.t().dtype;
   if (d.lanes == 1 && d.code == vespo::dl::kFloat && d.bits == 32) return DType::kFloat32;
   if (d.lanes == 1 && d.code == vespo::dl::kBfloat && d.bits == 16) return DType::kBFloat16;

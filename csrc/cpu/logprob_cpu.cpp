@@ -42,9 +42,10 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
     }
     const T* z = base + t * p.row_stride;
     // Online softmax over L1-sized chunks: the chunk's max, then its exp-sum from L1, rescaling the
-    // running sums when the max grows. Sums are relative to the running max ms (in z / tau units):
-    // s = sum e^x, s2 = sum e^x * x with x = z * it - ms.
-    float ms = -INFINITY, s = 0.f, s2 = 0.f;
+    // running sums when the max grows. x = (z - mz) * it with mz the running max of the raw logits:
+    // the max element gives x = 0 exactly, so s >= 1 and log p = x_y - log s <= 0 always (and is
+    // exactly 0 for V = 1). s = sum e^x, s2 = sum e^x * x (entropy).
+    float mz = -INFINITY, s = 0.f, s2 = 0.f;
     const bool want_entropy = p.entropy != nullptr;
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
       const int64_t n = V - c0 < kChunk ? V - c0 : kChunk, nv = n - n % (2 * kVec);
@@ -56,19 +57,18 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
       }
       float cm = hmax(vmax(m0, m1));
       for (int64_t v = nv; v < n; ++v) cm = load(zc, v) > cm ? load(zc, v) : cm;
-      cm *= it;
-      if (cm > ms) {  // rescale what was summed relative to the old max
-        const float delta = cm - ms, scale = fast_expf(-delta);
+      if (cm > mz) {  // rescale what was summed relative to the old max
+        const float delta = (cm - mz) * it, scale = fast_expf(-delta);
         if (want_entropy) s2 = s == 0.f ? 0.f : scale * (s2 - delta * s);
         s *= scale;
-        ms = cm;
+        mz = cm;
       }
-      if (ms == -INFINITY) continue;  // everything so far is -inf: contributes 0
-      const v8f vit = vsplat(it), vms = vsplat(ms), vfloor = vsplat(-100.f);
+      if (mz == -INFINITY) continue;  // everything so far is -inf: contributes 0
+      const v8f vit = vsplat(it), vmz = vsplat(mz), vfloor = vsplat(-100.f);
       v8f s0 = vsplat(0.f), s1 = s0, e0 = s0, e1 = s0;
       if (want_entropy) {
         for (int64_t v = 0; v < nv; v += 2 * kVec) {
-          const v8f x0 = vload(zc + v) * vit - vms, x1 = vload(zc + v + kVec) * vit - vms;
+          const v8f x0 = (vload(zc + v) - vmz) * vit, x1 = (vload(zc + v + kVec) - vmz) * vit;
           const v8f a0 = vexp(x0), a1 = vexp(x1);
           s0 += a0; s1 += a1;
           // e^x * x with x floored at -100 (where e^x is 0), so -inf logits add 0, not NaN.
@@ -76,7 +76,7 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
         }
         float ts = hsum(s0 + s1), ts2 = hsum(e0 + e1);
         for (int64_t v = nv; v < n; ++v) {
-          const float x = load(zc, v) * it - ms, e = fast_expf(x);
+          const float x = (load(zc, v) - mz) * it, e = fast_expf(x);
           ts += e;
           ts2 += e * (x > -100.f ? x : -100.f);
         }
@@ -84,25 +84,45 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
         s2 += ts2;
       } else {
         for (int64_t v = 0; v < nv; v += 2 * kVec) {
-          s0 += vexp(vload(zc + v) * vit - vms);
-          s1 += vexp(vload(zc + v + kVec) * vit - vms);
+          s0 += vexp((vload(zc + v) - vmz) * vit);
+          s1 += vexp((vload(zc + v + kVec) - vmz) * vit);
         }
         float ts = hsum(s0 + s1);
-        for (int64_t v = nv; v < n; ++v) ts += fast_expf(load(zc, v) * it - ms);
+        for (int64_t v = nv; v < n; ++v) ts += fast_expf((load(zc, v) - mz) * it);
         s += ts;
       }
     }
-    const float lse = ms + std::log(s);
-    p.lse[t] = lse;
-    if (p.entropy) p.entropy[t] = std::log(s) - s2 / s;
+    const float log_s = std::log(s);
+    p.lse[t] = mz * it + log_s;
+    if (p.entropy) p.entropy[t] = log_s - s2 / s;
     const int64_t y = p.labels[t];
-    if (y >= 0 && y < V) {
-      p.logp[t] = load(z, y) * it - lse;
+    if (y != p.ignore_index && y >= 0 && y < V) {
+      p.logp[t] = (load(z, y) - mz) * it - log_s;
     } else {
       p.logp[t] = 0.f;
       if (y != p.ignore_index) note_bad_row(bad, t + 1);
     }
   }
+}
+
+// Writes g[v] = -c * p_v for v in [b, e) and returns sum of p_v over the range.
+template <class T>
+inline float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it, float lse) {
+  const v8f vit = vsplat(it), vlse = vsplat(lse), vnc = vsplat(-c);
+  v8f acc = vsplat(0.f);
+  int64_t v = b;
+  for (; v + kVec <= e; v += kVec) {
+    const v8f pv = vexp(vload(z + v) * vit - vlse);
+    acc += pv;
+    vstore(g + v, vnc * pv);
+  }
+  float sum = hsum(acc);
+  for (; v < e; ++v) {
+    const float pv = fast_expf(load(z, v) * it - lse);
+    sum += pv;
+    store(g, v, -c * pv);
+  }
+  return sum;
 }
 
 template <class T>
@@ -120,16 +140,18 @@ VESPO_MULTIVERSION void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1)
       continue;
     }
     // g may alias z (in-place gradient): every element is read before it is written, and the
-    // label's term comes from the saved logp, never from a re-read of z[y].
+    // label's own logit is never read (its term is the sum of the other probabilities).
     const T* z = zbase + t * p.row_stride;
     const float c = d * scale * it;
     const float lse = p.lse[t];
-    const int64_t Vv = V - V % kVec;
-    const v8f vit = vsplat(it), vlse = vsplat(lse), vnc = vsplat(-c);
-    for (int64_t v = 0; v < Vv; v += kVec) vstore(g + v, vnc * vexp(vload(z + v) * vit - vlse));
-    for (int64_t v = Vv; v < V; ++v) store(g, v, -c * fast_expf(load(z, v) * it - lse));
     const int64_t y = p.labels[t];
-    if (y >= 0 && y < V) store(g, y, -c * std::expm1(p.logp[t]));  // c * (1 - p_y)
+    if (y != p.ignore_index && y >= 0 && y < V) {
+      // The label's term c * (1 - p_y) as c * sum_{v != y} p_v: exact even when p_y rounds to 1.
+      const float rest = bwd_range(z, g, 0, y, c, it, lse) + bwd_range(z, g, y + 1, V, c, it, lse);
+      store(g, y, c * rest);
+    } else {
+      bwd_range(z, g, 0, V, c, it, lse);
+    }
   }
 }
 

@@ -36,6 +36,7 @@ def _on_gpu(a) -> bool:
 def _module_and_stream(a):
     from . import _backend
 
+    _xp(a)  # a TypeError naming the type for anything that is not a NumPy/CuPy/torch array
     if _on_gpu(a):
         mod = _backend.module_for("cuda")
         xp = _xp(a)

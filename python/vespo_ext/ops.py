@@ -207,12 +207,14 @@ _seq_loss.register_autograd(_seq_loss_backward, setup_context=_seq_loss_setup)
 # ---------------------------------------------------------------------------------------------
 # Public API
 _warned_fallback: set = set()
+# Looked up once at import: torch.compile traces _use_reference, and cannot trace imports.
+_HAS_KERNELS = {"cpu": _backend.core() is not None, "cuda": _backend.cuda() is not None}
 
 
 def _use_reference(logits: Tensor) -> bool:
     if logits.dtype == torch.float64:
         return True  # the kernels compute in fp32; float64 inputs get the exact reference
-    if _backend.has_kernels(logits.device):
+    if _HAS_KERNELS.get(logits.device.type, False):
         return False
     key = logits.device.type
     if key not in _warned_fallback:
@@ -252,7 +254,7 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo"
         1.0 / pk.temperature, LOSS_IDS[loss], values, AGG_IDS[agg], pk.norm_len, grad_inplace)
     if not return_metrics:
         return out
-    return out, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+    return out, dict(zip(METRIC_NAMES, metrics.detach().unbind(0)))
 
 
 def vespo_loss(logits, labels, old_logp, advantages, mask=None, *, cu_seqlens=None, rollout_is_weights=None,
@@ -309,4 +311,4 @@ def policy_loss_from_logp(logp, old_logp, advantages, mask=None, *, loss="vespo"
         nrm, LOSS_IDS[loss], values, AGG_IDS[agg], norm_len)
     if not return_metrics:
         return out
-    return out, dict(zip(METRIC_NAMES, metrics.unbind(0)))
+    return out, dict(zip(METRIC_NAMES, metrics.detach().unbind(0)))

@@ -116,7 +116,7 @@ enum SeqSlot : int32_t {
   kSlotAdvSign,     // advantage of the first counted token (sign picks the parameters)
   kSlotLossSum,     // sum m * L_t (before aggregation)
   kSlotCoef,        // per-sequence coefficient (phi for VESPO, exp(min(s_hat, 10)) for GSPO, else 1)
-  kSlotLogW,        // clamped log W (VESPO), s_hat (GSPO), 0 otherwise
+  kSlotLogW,        // clamped log W = clamp(sum log-ratio + sum log-TIS, +-20), every loss
   kSlotClip, kSlotClipLow, kSlotClipHigh,  // clipped-token counts
   kSlotAggWeight,   // a_i: the aggregation weight of this sequence's tokens
   kSlotAux,         // GSPO: s_hat, the unclamped mean of (logp - old) over the sequence
