@@ -261,7 +261,7 @@ void seq_reduce(py::handle cu_o, py::handle logp_o, py::handle old_o, py::handle
   p.mask = mask.ptr<uint8_t>();
   p.is_weights = isw.ptr<float>();
   p.loss = static_cast<vespo::LossType>(loss_type);
-  for (size_t k = 0; k < params.size(); ++k) p.p[k] = static_cast<float>(params[k]);
+  for (size_t k = 0; k < params.size(); ++k) p.p[k] = params[k];
   p.agg = static_cast<vespo::Agg>(agg);
   p.norm = norm.ptr<float>();
   p.norm_len = norm_len;

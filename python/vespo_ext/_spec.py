@@ -51,6 +51,12 @@ def resolve_loss(loss: str, agg: str | None, params: dict) -> tuple[str, list[fl
             raise TypeError(f"{name} must be a number, got {type(v).__name__}")
         if v != v or v in (float("inf"), float("-inf")):
             raise ValueError(f"{name} must be finite, got {v}")
+        if name.startswith("clip_ratio_") and name != "clip_ratio_c" and v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+        if name == "clip_ratio_c" and v <= 1:
+            raise ValueError(f"clip_ratio_c (dual-clip bound) must be > 1, got {v}")
+        if name.startswith("tau_") and v <= 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
         values.append(float(v))
     agg = DEFAULT_AGG[loss] if agg is None else agg
     if agg not in AGG_IDS:

@@ -91,8 +91,8 @@ def policy_loss_from_logp(logp, old_logp, advantages, mask=None, *, loss="vespo"
     if loss == "vespo":
         k_pos, lam_pos, k_neg, lam_neg = p
         pos = adv_seq >= 0
-        k = torch.where(pos, k_pos, k_neg).to(dt)
-        lam = torch.clamp(torch.where(pos, lam_pos, lam_neg).to(dt), min=1e-4)
+        k = torch.where(pos, torch.tensor(k_pos, dtype=dt), torch.tensor(k_neg, dtype=dt))
+        lam = torch.clamp(torch.where(pos, torch.tensor(lam_pos, dtype=dt), torch.tensor(lam_neg, dtype=dt)), min=1e-4)
         log_phi = lam + k * torch.log(torch.clamp(W, min=1e-8)) - lam * W
         coef = torch.nan_to_num(torch.exp(log_phi), nan=0.0, posinf=0.0, neginf=0.0).detach()
         per_token = -coef[seq] * adv_tok * lp
@@ -122,8 +122,8 @@ def policy_loss_from_logp(logp, old_logp, advantages, mask=None, *, loss="vespo"
     elif loss == "sapo":
         tau_pos, tau_neg = p
         ratio = torch.exp(torch.clamp(lp - old, -20.0, 20.0))
-        tau = torch.where(adv_seq > 0, tau_pos, tau_neg).to(dt)[seq]
-        per_token = -4.0 * torch.sigmoid(tau * (ratio - 1.0)) / (tau + 1e-8) * adv_tok
+        tau = torch.where(adv_seq > 0, torch.tensor(tau_pos, dtype=dt), torch.tensor(tau_neg, dtype=dt))[seq]
+        per_token = -4.0 * torch.sigmoid(tau * (ratio - 1.0)) / tau * adv_tok
         coef = torch.ones(S, dtype=dt, device=logp.device)
     elif loss == "cispo":
         eps_low, eps_high = p

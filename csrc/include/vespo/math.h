@@ -135,13 +135,13 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
       break;
     }
     case LossType::kSapo: {
-      // Soft gate f(r) = 4 sigma(tau (r - 1)) / (tau + 1e-8), tau by the sequence's advantage sign.
+      // Soft gate f(r) = 4 sigma(tau (r - 1)) / tau, tau by the sequence's advantage sign (> 0).
       const double d = logp - (double)old_f;
       const double r = exp(clampd(d, -20.0, 20.0));
       const double dr = (d >= -20.0 && d <= 20.0) ? r : 0.0;
       const double tau = rec[kSlotAdvSign] > 0.0 ? p.p[0] : p.p[1];
       const double sig = 1.0 / (1.0 + exp(-tau * (r - 1.0)));
-      const double scale = 4.0 / (tau + 1e-8);
+      const double scale = 4.0 / tau;
       out.value = -scale * sig * adv * w_tis;
       out.grad = -scale * sig * (1.0 - sig) * tau * dr * adv * w_tis;
       break;

@@ -90,7 +90,7 @@ struct SeqParams {
   const float* is_weights = nullptr;    // (T,) optional TIS weights
 
   LossType loss = LossType::kVespo;
-  float p[kMaxLossParams] = {0, 0, 0, 0, 0, 0};
+  double p[kMaxLossParams] = {0, 0, 0, 0, 0, 0};
   Agg agg = Agg::kTokenMean;
   const float* norm = nullptr;  // optional 0-d normaliser overriding the agg denominator
   double norm_len = 0;          // seq-mean-token-sum-norm default; <= 0 means max sequence length
