@@ -107,7 +107,8 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
 
 // Writes g[v] = -c * p_v for v in [b, e) and returns sum of p_v over the range.
 template <class T>
-inline float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it, float lse) {
+__attribute__((always_inline)) inline float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it,
+                                                   float lse) {
   const v8f vit = vsplat(it), vlse = vsplat(lse), vnc = vsplat(-c);
   v8f acc = vsplat(0.f);
   int64_t v = b;
