@@ -1,0 +1,103 @@
+"""Config: defaults, YAML files, overrides, validation errors, --dry-run and --print-config (no Ray)."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from trainer_test_utils import ROOT, TINY
+
+from vespo_trainer import cli
+from vespo_trainer.config import ConfigError, load_config, to_dict
+
+
+def test_defaults_and_keys_the_docs_rely_on():
+    cfg = load_config()
+    assert cfg.trainer.mode == "sync" and cfg.rollout.backend == "hf" and cfg.algorithm.loss == "vespo"
+    for key in ("total_steps", "output_dir", "seed", "resume", "mode"):
+        assert hasattr(cfg.trainer, key)
+    assert cfg.staleness == cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size
+
+
+def test_default_yaml_is_the_embedded_default():
+    assert to_dict(load_config(os.path.join(ROOT, "examples", "configs", "default.yaml"))) == to_dict(load_config())
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml"))))
+def test_example_configs_load(path):
+    load_config(path)
+
+
+def test_overrides_and_types():
+    cfg = load_config(TINY, ["trainer.total_steps=7", "algorithm.loss=grpo",
+                             "algorithm.loss_params.clip_ratio_high=0.28", "rollout.temperature=0.7"])
+    assert cfg.trainer.total_steps == 7 and cfg.algorithm.loss == "grpo"
+    assert cfg.algorithm.loss_params == {"clip_ratio_high": 0.28} and cfg.rollout.temperature == 0.7
+    assert cfg.rollout.n == 4  # from the YAML file
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["data.train_batch_size=30"], "data.train_batch_size", "multiple of actor.ppo_mini_batch_size"),
+    (["rollout.n=1"], "rollout.n", "at least 2 responses"),
+    (["algorithm.loss=ppo"], "algorithm.loss", "must be one of vespo, grpo, gspo, sapo, cispo"),
+    (["algorithm.loss=grpo", "algorithm.loss_params.k_pos=2.0"], "algorithm.loss_params", "k_pos"),
+    (["algorithm.agg=mean"], "algorithm.agg", "must be one of"),
+    (["trainer.mode=async"], "trainer.mode", "not implemented yet"),
+    (["rollout.backend=vllm"], "rollout.backend", "not implemented yet"),
+    (["trainer.total_steps=0"], "trainer.total_steps", ">= 1"),
+    (["trainer.total_steps=ten"], "trainer.total_steps", "could not be converted"),
+    (["trainer.no_such_key=1"], "trainer.no_such_key", "not in"),
+    (["actor.zero_stage=4"], "actor.zero_stage", "0, 1, 2 or 3"),
+    (["actor.micro_batch_size=7"], "actor.micro_batch_size", "must divide"),
+    (["rollout.dtype=int8"], "rollout.dtype", "fp32, bf16, fp16"),
+    (["rollout.temperature=0"], "rollout.temperature", "> 0"),
+    (["reward.fn=not_a_spec"], "reward.fn", "package.module:function"),
+    (["reward.timeout_s=0"], "reward.timeout_s", "> 0"),
+    (["trainer.resume=true"], "trainer.resume", "needs trainer.output_dir"),
+    (["model.hidden_size=30", "model.num_heads=4"], "model.hidden_size", "multiple of model.num_heads"),
+    (["justakey"], "overrides", "key=value"),
+])
+def test_validation_errors_name_the_key(overrides, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    msg = str(err.value)
+    assert msg.startswith(key) or key in msg, msg
+    assert words in msg, msg
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_cli_config_error_exit_code(capsys):
+    assert cli.main(["train", "data.train_batch_size=30"]) == 2
+    assert "config error: data.train_batch_size" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan(capsys):
+    assert cli.main(["train", "--dry-run", "data.train_batch_size=32", "actor.ppo_mini_batch_size=4",
+                     "rollout.n=8", "trainer.total_steps=10"]) == 0
+    out = capsys.readouterr().out
+    assert "staleness N = train_batch_size / ppo_mini_batch_size = 32 / 4 = 8" in out
+    assert "k = 0..7" in out and "max 7" in out
+    assert "32 prompts x 8 responses = 256 per step" in out and "4 prompts = 32 responses per mini-batch" in out
+    assert "80 optimizer steps, 2,560 samples" in out
+    assert "learner x1 (DeepSpeed ZeRO-1" in out and "rollout x1 (hf" in out and "reward x1" in out
+    assert "start a local Ray" in out
+
+
+def test_dry_run_with_ray_address(capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cli.main(["train", "--dry-run"]) == 0
+    assert "join 10.0.0.1:6379" in capsys.readouterr().out
+
+
+def test_print_config_has_help_for_every_key(capsys):
+    assert cli.main(["train", "--print-config", "trainer.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer.seed = 3" in out and "algorithm.loss = 'vespo'" in out and "rollout.backend = 'hf'" in out
+    keys = [ln for ln in out.splitlines() if not ln.startswith(" ")]
+    helps = [ln for ln in out.splitlines() if ln.startswith("    ")]
+    assert len(helps) >= len(keys) > 40

@@ -1,0 +1,116 @@
+"""Pieces of the trainer without Ray: tokenizer, task, prompt stream, advantages, batches, buckets, checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from vespo_trainer import checkpoint as ckpt
+from vespo_trainer.algorithm import group_advantages, merge_rollouts, split_groups
+from vespo_trainer.task import PromptStream, arith_prompts, make_tokenizer
+from vespo_trainer.weight_sync import iter_buckets
+
+
+def test_tokenizer_round_trip_and_padding():
+    tok = make_tokenizer()
+    ids = tok.encode("7+2=")
+    assert ids[0] == tok.bos_token_id and tok.decode(ids) == "7+2="
+    assert tok.decode(tok.encode("9", add_bos=False) + [tok.eos_token_id, 5]) == "9"  # stops at EOS
+    assert tok.decode([tok.pad_token_id]) == "<pad>"  # a stray pad is visible, not an empty answer
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        tok.encode("x")
+    x, m = tok.pad_left([[5, 6], [7]])
+    assert x.tolist() == [[5, 6], [tok.pad_token_id, 7]] and m.tolist() == [[1, 1], [0, 1]]
+
+
+def test_arith_prompts():
+    ps = arith_prompts(9, 2)
+    assert len(ps) == 30 and len({p.prompt_id for p in ps}) == 30
+    assert {(p.text, p.ground_truth) for p in ps} >= {("9+2=", "1"), ("0+0=", "0"), ("4+1=", "5")}
+
+
+def test_prompt_stream_is_seeded_and_resumable():
+    ps = arith_prompts(9, 2)
+    a = PromptStream(ps, seed=3)
+    first = [p.prompt_id for p in a.next_batch(50)]  # crosses an epoch boundary
+    assert sorted(first[:30]) == list(range(30))
+    b = PromptStream(ps, seed=3)
+    b.next_batch(20)
+    c = PromptStream(ps, seed=3)
+    c.load_state_dict(json.loads(json.dumps(b.state_dict())))
+    assert [p.prompt_id for p in c.next_batch(30)] == first[20:50]
+    assert [p.prompt_id for p in PromptStream(ps, seed=4).next_batch(30)] != first[:30]
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1])
+    a = group_advantages(r, 4)
+    assert a[:4].sum().abs() < 1e-6 and a[0] > 0 and (a[1:4] < 0).all()
+    assert torch.allclose(a[4:], torch.zeros(4))  # all-equal group: no signal, no NaN
+    assert torch.allclose(group_advantages(r, 4, norm_by_std=False)[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    with pytest.raises(ValueError):
+        group_advantages(r, 3)
+
+
+def test_split_groups():
+    assert split_groups(5, 2) == [range(0, 2), range(2, 5)] or split_groups(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_groups(2, 4) == [range(0, 1), range(1, 2)]
+    assert sum(len(r) for r in split_groups(33, 4)) == 33
+
+
+def _part(B, P, L, uid0, version):
+    return {"input_ids": torch.ones(B, P + L, dtype=torch.long),
+            "attention_mask": torch.ones(B, P + L, dtype=torch.long),
+            "prompt_len": P, "responses": torch.full((B, L), 7), "response_mask": torch.ones(B, L, dtype=torch.bool),
+            "old_logp": torch.zeros(B, L), "token_version": torch.full((B, L), version),
+            "uid": torch.arange(uid0, uid0 + B), "prompt_id": torch.zeros(B, dtype=torch.long),
+            "texts": ["a"] * B, "prompts": ["p"] * B, "ground_truths": ["g"] * B}
+
+
+def test_merge_rollouts_repads_prompts_left_and_responses_right():
+    b = merge_rollouts([_part(2, 3, 2, 0, 5), _part(2, 4, 3, 2, 5)], pad_id=0)
+    assert b["input_ids"].shape == (4, 7) and b["responses"].shape == (4, 3) and b["prompt_len"] == 4
+    assert b["attention_mask"][0].tolist() == [0, 1, 1, 1, 1, 1, 0]
+    assert b["response_mask"][0].tolist() == [True, True, False]
+    assert b["uid"].tolist() == [0, 1, 2, 3] and len(b["texts"]) == 4
+
+
+def test_weight_buckets_respect_the_limit():
+    ts = [(f"t{i}", torch.zeros(256)) for i in range(10)]  # 1 KiB each
+    buckets = list(iter_buckets(ts, bucket_mb=3 / 1024))
+    assert [len(b) for b in buckets] == [3, 3, 3, 1]
+    assert [n for b in buckets for n in b] == [n for n, _ in ts]
+    big = list(iter_buckets([("big", torch.zeros(4096)), ("s", torch.zeros(1))], bucket_mb=1 / 1024))
+    assert [list(b) for b in big] == [["big"], ["s"]]  # a tensor larger than a bucket travels alone
+
+
+def test_checkpoint_latest_and_prune(tmp_path):
+    run = str(tmp_path)
+    assert ckpt.latest(run) is None
+    for step in (2, 4, 6):
+        tag = ckpt.tag_for(step)
+        os.makedirs(os.path.join(ckpt.ckpt_root(run), tag))
+        ckpt.write_trainer_state(run, tag, {"step": step})
+    assert ckpt.latest(run) == "step_000006" and ckpt.read_trainer_state(run, "step_000006")["step"] == 6
+    ckpt.prune(run, keep=2)
+    assert sorted(t for t in os.listdir(ckpt.ckpt_root(run)) if t.startswith("step_")) == ["step_000004", "step_000006"]
+    os.makedirs(os.path.join(ckpt.ckpt_root(run), "step_000008"))  # a save that died before trainer_state.json
+    assert ckpt.latest(run) == "step_000006"
+
+
+def test_actor_resources_fit_or_fail_clearly(monkeypatch):
+    from vespo_trainer.cluster import plan_resources
+    from vespo_trainer.config import load_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(None, ["trainer.device=cpu"])
+    res = plan_resources(cfg, {"CPU": 2.0})
+    assert res["learner"] == {"num_cpus": 1.0, "num_gpus": 0.0} and res["rollout"]["num_gpus"] == 0.0
+    with pytest.raises(RuntimeError, match="need 2.25 CPUs .* cluster has 1 CPUs"):
+        plan_resources(load_config(None, ["trainer.device=cpu", "rollout.num_workers=2"]), {"CPU": 1.0})
+    one_gpu = plan_resources(load_config(None, ["trainer.device=cuda"]), {"CPU": 8.0, "GPU": 1.0})
+    assert one_gpu["learner"]["num_gpus"] + one_gpu["rollout"]["num_gpus"] == 1.0  # they share the GPU
+    many = plan_resources(load_config(None, ["trainer.device=cuda"]), {"CPU": 8.0, "GPU": 8.0})
+    assert many["learner"]["num_gpus"] == many["rollout"]["num_gpus"] == 1.0

@@ -1,0 +1,108 @@
+"""Ray: join a cluster ($RAY_ADDRESS or ray.address) or start a local one; create the actors."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+def ray_address(cfg):
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+@contextmanager
+def ray_session(cfg):
+    """Use the Ray already initialised in this process, or connect/start one (and shut down only that)."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = ray_address(cfg)
+        kw = {"include_dashboard": False, "log_to_driver": cfg.ray.log_to_driver}
+        if address is None:
+            kw["num_cpus"] = cfg.ray.num_cpus
+        ray.init(address=address, **kw)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def use_cuda(cfg) -> bool:
+    if cfg.trainer.device == "cuda":
+        return True
+    if cfg.trainer.device == "cpu":
+        return False
+    if torch.cuda.is_available():
+        return True
+    try:  # a driver on a CPU head node of a GPU cluster
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        return False
+
+
+def plan_resources(cfg, cluster: dict) -> dict:
+    """CPUs/GPUs per actor; -1 GPUs means: 1 each when the cluster has enough, else share one GPU."""
+    cuda = use_cuda(cfg)
+    r = cfg.rollout.num_workers
+    gpus = cluster.get("GPU", 0.0)
+    share = gpus < 1 + r
+    learner_gpu = cfg.actor.num_gpus if cfg.actor.num_gpus >= 0 else (0.0 if not cuda else 0.5 if share else 1.0)
+    rollout_gpu = cfg.rollout.num_gpus if cfg.rollout.num_gpus >= 0 else (
+        0.0 if not cuda else 0.5 / r if share else 1.0)
+    plan = {"learner": {"num_cpus": cfg.actor.num_cpus, "num_gpus": learner_gpu},
+            "rollout": {"num_cpus": cfg.rollout.num_cpus, "num_gpus": rollout_gpu},
+            "reward": {"num_cpus": cfg.reward.num_cpus, "num_gpus": 0.0}}
+    need_cpu = cfg.actor.num_cpus + r * cfg.rollout.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus
+    need_gpu = learner_gpu + r * rollout_gpu
+    local = ray_address(cfg) is None  # a remote cluster may autoscale: only a local Ray is checked
+    if local and (need_cpu > cluster.get("CPU", 0.0) + 1e-9 or need_gpu > gpus + 1e-9):
+        raise RuntimeError(
+            f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has "
+            f"{cluster.get('CPU', 0):g} CPUs and {gpus:g} GPUs: lower actor/rollout/reward.num_cpus or num_gpus, "
+            "or the number of workers (Ray would otherwise wait forever)")
+    return plan
+
+
+@dataclass
+class Actors:
+    learner: object
+    rollout: List[object]
+    reward: List[object]
+
+
+def start_actors(cfg) -> Actors:
+    import ray
+
+    from .learner import Learner
+    from .reward import RewardWorker
+    from .rollout import RolloutWorker
+
+    if use_cuda(cfg) and cfg.trainer.device == "auto":
+        cfg.trainer.device = "cuda"  # what the actors should use, whatever the driver sees
+    res = plan_resources(cfg, ray.cluster_resources())
+    learner = ray.remote(Learner).options(**res["learner"]).remote(cfg)
+    rollout = [ray.remote(RolloutWorker).options(**res["rollout"]).remote(cfg, rank)
+               for rank in range(cfg.rollout.num_workers)]
+    reward = [ray.remote(RewardWorker).options(**res["reward"]).remote(cfg) for _ in range(cfg.reward.num_workers)]
+    return Actors(learner, rollout, reward)
+
+
+def stop_actors(actors: Actors) -> None:
+    import ray
+
+    for a in actors.reward:
+        try:
+            ray.get(a.close.remote(), timeout=10)
+        except Exception:
+            pass
+    for a in [actors.learner, *actors.rollout, *actors.reward]:
+        ray.kill(a)
+

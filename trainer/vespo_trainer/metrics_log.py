@@ -1,0 +1,120 @@
+"""Run outputs: metrics.jsonl (one JSON object per step), provenance.jsonl, TensorBoard, progress display."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import deque
+from typing import Dict, List, Optional
+
+METRICS_FILE = "metrics.jsonl"
+PROVENANCE_FILE = "provenance.jsonl"
+
+
+def _truncate_jsonl(path: str, keep_below_step: int) -> None:
+    """Keep only the records of steps < keep_below_step (a resumed run rewrites the rest)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] < keep_below_step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # strict JSON; a non-finite value shows up as null
+    return v
+
+
+class RunLog:
+    """Appends one record per step; on resume, drops records past the checkpoint first."""
+
+    def __init__(self, run_dir: str, start_step: int, tensorboard: bool, provenance: bool):
+        self.run_dir = run_dir
+        self.metrics_path = os.path.join(run_dir, METRICS_FILE)
+        self.prov_path = os.path.join(run_dir, PROVENANCE_FILE) if provenance else None
+        for path in (self.metrics_path, self.prov_path):
+            if path:
+                _truncate_jsonl(path, start_step)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step or None)
+
+    def log(self, step: int, metrics: Dict[str, float], lags: Optional[List[int]] = None,
+            provenance: Optional[dict] = None) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.prov_path and provenance is not None:
+            with open(self.prov_path, "a") as f:
+                f.write(json.dumps({"step": step, **provenance}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            if lags:
+                import numpy as np
+
+                self.tb.add_histogram("staleness/lag", np.asarray(lags), step, bins=np.arange(-0.5, max(lags) + 1.5))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str) -> List[dict]:
+    with open(os.path.join(run_dir, METRICS_FILE)) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+class Progress:
+    """A rich progress bar with live reward on a TTY; plain lines otherwise (or nothing)."""
+
+    def __init__(self, mode: str, total: int, start: int, log_every: int):
+        if mode == "auto":
+            mode = "rich" if sys.stdout.isatty() else "plain"
+        self.mode, self.total, self.log_every = mode, total, log_every
+        self._recent = deque(maxlen=max(20, log_every))  # per-step reward is noisy: show a running mean too
+        self._bar = None
+        if mode == "rich":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = RichProgress(
+                TextColumn("[bold]vespo train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("reward [bold green]{task.fields[reward]}"), TextColumn("lag {task.fields[lag]}"),
+                TextColumn("{task.fields[step_s]} s/step"), TimeElapsedColumn(), TimeRemainingColumn())
+            self._bar.start()
+            self._task = self._bar.add_task("train", total=total, completed=start, reward="-", lag="-", step_s="-")
+
+    def start_at(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step)
+
+    def update(self, step: int, m: Dict[str, float]) -> None:
+        reward, lag, dt = m.get("reward/mean", float("nan")), m.get("staleness/mean", float("nan")), \
+            m.get("time/step_s", float("nan"))
+        self._recent.append(reward)
+        shown = f"{reward:.3f} (last {len(self._recent)}: {sum(self._recent) / len(self._recent):.3f})"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step + 1, reward=shown, lag=f"{lag:.2f}", step_s=f"{dt:.2f}")
+        elif self.mode == "plain" and ((step + 1) % self.log_every == 0 or step + 1 == self.total or step == 0):
+            print(f"step {step + 1:>5}/{self.total}  reward {shown}  "
+                  f"loss {m.get('actor/loss', float('nan')):+.4f}  "
+                  f"phi {m.get('vespo/phi_mean', float('nan')):.3f}  lag mean {lag:.2f} max "
+                  f"{m.get('staleness/max', float('nan')):.0f}  {dt:.2f} s/step", flush=True)
+
+    def print(self, msg: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(msg)
+        elif self.mode != "none":
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -1,0 +1,34 @@
+"""The policy model: a tiny causal LM built from a transformers config (no download), seeded init."""
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(mcfg, tokenizer, seed: int, dtype: str = "fp32", max_positions: int = 64):
+    """A freshly initialised Qwen2 or Llama causal LM sized by `mcfg` (config.ModelConfig).
+
+    The same seed gives the same weights on every process, so learner and rollout replicas agree
+    before the first weight sync (which overwrites the rollout copy anyway).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cls_cfg, cls_model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[mcfg.arch]
+    hf_cfg = cls_cfg(
+        vocab_size=tokenizer.vocab_size, hidden_size=mcfg.hidden_size, intermediate_size=mcfg.intermediate_size,
+        num_hidden_layers=mcfg.num_layers, num_attention_heads=mcfg.num_heads, num_key_value_heads=mcfg.num_kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=mcfg.tie_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, initializer_range=mcfg.init_std, rms_norm_eps=mcfg.norm_eps,
+        use_cache=True)
+    hf_cfg._attn_implementation = "sdpa"
+    devices = ["cuda"] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = cls_model(hf_cfg)
+    return model.to(DTYPES[dtype])
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())

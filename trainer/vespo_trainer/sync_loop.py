@@ -1,0 +1,178 @@
+"""`vespo train` in sync mode: the driver loop. Reads top to bottom.
+
+Per rollout step (policy version v on the rollout workers):
+  1. the next data.train_batch_size prompts; every rollout worker generates rollout.n responses for
+     its share, with per-token behaviour log-probs and the version v stamped on every token;
+  2. the reward workers score the responses (process pool, time limit per call);
+  3. GRPO group advantages;
+  4. the learner takes N = train_batch_size / ppo_mini_batch_size optimizer steps, one per mini-batch
+     of whole prompt groups, and reports the lag each sample was trained at (k for mini-batch k);
+  5. the new weights (version v + N) go to the rollout workers through Ray in buckets, timed;
+  6. metrics, provenance, progress; a checkpoint every trainer.save_every steps and at the end.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+
+import torch
+
+from . import checkpoint as ckpt
+from .algorithm import group_advantages, merge_rollouts, split_groups
+from .cluster import ray_session, start_actors, stop_actors
+from .config import Config, to_yaml
+from .metrics_log import Progress, RunLog
+from .task import PromptStream, make_tokenizer, task_prompts, warmup_texts
+
+LEARNER_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
+                "prompt_id", "advantages")
+
+
+def resolve_run_dir(cfg: Config) -> str:
+    """The run directory; refuses to mix a new run into an old one unless resuming."""
+    if cfg.trainer.output_dir is None:
+        cfg.trainer.output_dir = os.path.join("runs", f"{cfg.trainer.experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = cfg.trainer.output_dir
+    if not cfg.trainer.resume and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        raise FileExistsError(f"{run_dir} already holds a run; continue it with trainer.resume=true or choose "
+                              "another trainer.output_dir")
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def train(cfg: Config) -> str:
+    """Run (or resume) a training run; returns the run directory."""
+    run_dir = resolve_run_dir(cfg)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    progress = Progress(cfg.trainer.progress, cfg.trainer.total_steps, 0, cfg.trainer.log_every)
+    with ray_session(cfg):
+        actors = start_actors(cfg)
+        try:
+            _loop(cfg, run_dir, actors, progress)
+        finally:
+            progress.close()
+            stop_actors(actors)
+    return run_dir
+
+
+def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
+    import ray
+
+    tc, n, tb = cfg.trainer, cfg.rollout.n, cfg.data.train_batch_size
+    tok = make_tokenizer()
+    stream = PromptStream(task_prompts(cfg.task), tc.seed, cfg.data.shuffle)
+    learner_info = ray.get(actors.learner.info.remote())
+    start_step, tag = 0, ckpt.latest(run_dir) if tc.resume else None
+    if tag is not None:
+        state = ckpt.read_trainer_state(run_dir, tag)
+        ray.get(actors.learner.load.remote(ckpt.ckpt_root(run_dir), tag))
+        stream.load_state_dict(state["data"])
+        start_step = state["step"]
+        progress.print(f"resumed {run_dir} from {tag} (step {start_step}, policy version {state['version']})")
+    else:
+        if tc.resume:
+            progress.print(f"trainer.resume=true but {run_dir} has no checkpoint yet: starting from step 0")
+        if cfg.task.warmup_steps:
+            rng = random.Random(f"{tc.seed}/warmup")
+            pairs = [warmup_texts(task_prompts(cfg.task), cfg.task.warmup_batch_size, rng)
+                     for _ in range(cfg.task.warmup_steps)]
+            w = ray.get(actors.learner.warmup.remote(pairs))
+            progress.print(f"format warm-up: {w['warmup/steps']} steps, loss {w['warmup/loss_first']:.3f} -> "
+                           f"{w['warmup/loss_last']:.3f} ({w['warmup/seconds']:.1f}s)")
+    progress.print(f"run dir {run_dir}: {learner_info['params']:,} params, staleness N={cfg.staleness}, "
+                   f"{tb}x{n} responses/step, learner on {learner_info['device']} "
+                   f"(ZeRO-{learner_info['zero_stage']}, {learner_info['threads']} threads), "
+                   f"loss kernels: {learner_info['loss_kernels']}")
+    _sync_weights(cfg, actors)  # the rollout workers start from the learner's weights (fresh or restored)
+    log = RunLog(run_dir, start_step, tc.tensorboard, tc.provenance)
+    progress.start_at(start_step)
+    if start_step >= tc.total_steps:
+        progress.print(f"nothing to do: the run is at step {start_step} and trainer.total_steps={tc.total_steps}")
+    warned_reward = False
+    try:
+        for step in range(start_step, tc.total_steps):
+            t0 = time.perf_counter()
+            # 1. rollout: each worker gets a contiguous share of the prompt groups
+            prompts = stream.next_batch(tb)
+            shares = split_groups(tb, len(actors.rollout))
+            parts = ray.get([w.generate.remote([prompts[i] for i in r], step, step * tb * n + r.start * n)
+                             for w, r in zip(actors.rollout, shares)])
+            batch = merge_rollouts(parts, tok.pad_token_id)
+            t_roll = time.perf_counter()
+            # 2. rewards
+            scored = _score(actors, batch)
+            rewards = torch.tensor(scored["rewards"], dtype=torch.float32)
+            if (scored["errors"] or scored["timeouts"]) and not warned_reward:
+                warned_reward = True  # once per run; metrics.jsonl counts them every step
+                progress.print(f"reward: {scored['errors']} errors, {scored['timeouts']} timeouts at step {step} "
+                               f"(scored 0; see reward/errors, reward/timeouts) {scored['error_examples']}")
+            t_rew = time.perf_counter()
+            # 3. advantages
+            batch["advantages"] = group_advantages(rewards, n, cfg.algorithm.adv_eps, cfg.algorithm.norm_adv_by_std)
+            # 4. N optimizer steps
+            out = ray.get(actors.learner.train_batch.remote({k: batch[k] for k in LEARNER_KEYS}))
+            t_train = time.perf_counter()
+            # 5. weights to the rollout workers
+            sync_s, sync_mb = _sync_weights(cfg, actors)
+            step_s = time.perf_counter() - t0
+            # 6. metrics
+            prov = out["provenance"]
+            lags = [u - g for u, g in zip(prov["update_version"], prov["gen_version"])]
+            mask = batch["response_mask"]
+            n_tokens = int(batch["attention_mask"].sum())
+            m = {
+                "reward/mean": float(rewards.mean()),
+                "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+                "reward/timeouts": scored["timeouts"], "reward/errors": scored["errors"],
+                "response/length_mean": float(mask.sum(1).float().mean()),
+                "response/ended_frac": float(((batch["responses"] == tok.eos_token_id) & mask).any(1).float().mean()),
+                "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags), "staleness/min": min(lags),
+                **out["metrics"],
+                "perf/tokens_per_s": n_tokens / step_s, "perf/response_tokens": int(mask.sum()),
+                "perf/weight_sync_mb": sync_mb,
+                "time/step_s": step_s, "time/rollout_s": t_roll - t0, "time/reward_s": t_rew - t_roll,
+                "time/learner_s": t_train - t_rew, "time/weight_sync_s": sync_s,
+            }
+            m.update({f"staleness/hist_{lag}": c for lag, c in sorted(Counter(lags).items())})
+            prov = {**prov, "lag": lags, "reward": rewards.tolist()} if tc.provenance else None
+            log.log(step, m, lags, prov)
+            progress.update(step, m)
+            done = step + 1
+            if done == tc.total_steps or (tc.save_every and done % tc.save_every == 0):
+                _save(cfg, run_dir, actors, stream, done)
+    finally:
+        log.close()
+
+
+def _score(actors, batch) -> dict:
+    """Split the responses between the reward workers; gather the rewards in order."""
+    import ray
+
+    shares = split_groups(len(batch["texts"]), len(actors.reward))
+    outs = ray.get([w.score.remote([batch["prompts"][i] for i in r], [batch["texts"][i] for i in r],
+                                   [batch["ground_truths"][i] for i in r]) for w, r in zip(actors.reward, shares)])
+    return {"rewards": [x for o in outs for x in o["rewards"]], "timeouts": sum(o["timeouts"] for o in outs),
+            "errors": sum(o["errors"] for o in outs), "error_examples": [e for o in outs for e in o["error_examples"]]}
+
+
+def _sync_weights(cfg, actors) -> tuple:
+    """Learner -> every rollout worker, bucketed through the object store; (seconds, MiB per worker)."""
+    import ray
+
+    t0 = time.perf_counter()
+    pub = ray.get(actors.learner.publish_weights.remote(cfg.weight_sync.bucket_mb))
+    got = ray.get([w.update_weights.remote(pub["refs"], pub["version"]) for w in actors.rollout])
+    return time.perf_counter() - t0, got[0]["bytes"] / 2**20
+
+
+def _save(cfg, run_dir, actors, stream, done: int) -> None:
+    import ray
+
+    tag = ckpt.tag_for(done)
+    ray.get(actors.learner.save.remote(ckpt.ckpt_root(run_dir), tag))
+    version = ray.get(actors.learner.info.remote())["version"]
+    ckpt.write_trainer_state(run_dir, tag, {"step": done, "version": version, "data": stream.state_dict()})
+    ckpt.prune(run_dir, cfg.trainer.keep_checkpoints)
