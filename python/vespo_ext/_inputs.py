@@ -113,49 +113,55 @@ def check_norm(norm, device) -> Optional[torch.Tensor]:
     return torch.full((1,), float(norm), dtype=torch.float32, device=device)
 
 
+def _companions(stand_in, who: str, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights):
+    """Check the per-token and per-sequence companions of `stand_in` (logits, or logp with a trailing
+    unit dim): its leading dims are the token layout ((B, L) padded or (T,) packed). Returns
+    (old, isw, mask, adv, cu, norm_len) in packed 1-D form."""
+    _is_tensor(old_logp, "old_logp")
+    _is_tensor(advantages, "advantages")
+    dev = stand_in.device
+    old = _per_token(old_logp, "old_logp", stand_in)
+    isw = _per_token(rollout_is_weights, "rollout_is_weights", stand_in)
+    m = _per_token(mask, "mask", stand_in, floating=False)
+    if m is not None and m.dtype != torch.bool:
+        m = m != 0
+    if advantages.device != dev:
+        raise ValueError(f"advantages must be on the {who}' device {dev}, got {advantages.device}")
+    if not advantages.dtype.is_floating_point:
+        raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
+    if stand_in.dim() == 3:
+        B, L = stand_in.shape[0], stand_in.shape[1]
+        if cu_seqlens is not None:
+            raise ValueError(f"cu_seqlens is only for packed {who}; padded {who} imply it")
+        if tuple(advantages.shape) not in ((B,), (B, L)):
+            raise ValueError(f"advantages must have shape ({B},) or ({B}, {L}) for padded {who}, "
+                             f"got {tuple(advantages.shape)}")
+        cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * L
+        return old, isw, m, advantages.reshape(-1), cu, float(L)
+    T = stand_in.shape[0]
+    if cu_seqlens is None:
+        raise ValueError(f"cu_seqlens (S+1,) is required with packed {who}")
+    cu = check_cu_seqlens(cu_seqlens, T, dev)
+    S = cu.numel() - 1
+    if advantages.dim() != 1 or advantages.shape[0] not in (S, T):
+        raise ValueError(f"advantages must have shape ({S},) (per sequence) or ({T},) (per token), "
+                         f"got {tuple(advantages.shape)}")
+    return old, isw, m, advantages, cu, 0.0
+
+
 def pack_inputs(logits, labels, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights, temperature, norm) -> Packed:
     """Validate a policy-loss call and return its packed form."""
     check_logits_labels(logits, labels)
     temperature = check_temperature(temperature)
-    _is_tensor(old_logp, "old_logp")
-    _is_tensor(advantages, "advantages")
-    dev = logits.device
-    V = logits.shape[-1]
-    old = _per_token(old_logp, "old_logp", logits)
-    isw = _per_token(rollout_is_weights, "rollout_is_weights", logits)
-    m = _per_token(mask, "mask", logits, floating=False)
-    if m is not None and m.dtype != torch.bool:
-        m = m != 0
-    if advantages.device != dev:
-        raise ValueError(f"advantages must be on the logits' device {dev}, got {advantages.device}")
-    if not advantages.dtype.is_floating_point:
-        raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
-    if logits.dim() == 3:
-        B, L = logits.shape[0], logits.shape[1]
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is only for packed (T, V) logits; padded (B, L, V) logits imply it")
-        if tuple(advantages.shape) not in ((B,), (B, L)):
-            raise ValueError(f"advantages must have shape ({B},) or ({B}, {L}) for padded logits, got {tuple(advantages.shape)}")
-        adv = advantages.reshape(-1)
-        cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * L
-        norm_len = float(L)
-        flat = logits.reshape(B * L, V)
-    else:
-        T = logits.shape[0]
-        if cu_seqlens is None:
-            raise ValueError("cu_seqlens (S+1,) is required with packed (T, V) logits")
-        cu = check_cu_seqlens(cu_seqlens, T, dev)
-        S = cu.numel() - 1
-        if advantages.dim() != 1 or advantages.shape[0] not in (S, T):
-            raise ValueError(f"advantages must have shape ({S},) (per sequence) or ({T},) (per token), got {tuple(advantages.shape)}")
-        adv = advantages
-        norm_len = 0.0
-        flat = logits
+    old, isw, m, adv, cu, norm_len = _companions(logits, "(T, V) logits" if logits.dim() == 2 else "(B, L, V) logits",
+                                                 old_logp, advantages, mask, cu_seqlens=cu_seqlens,
+                                                 rollout_is_weights=rollout_is_weights)
+    flat = logits.reshape(-1, logits.shape[-1])
     if flat.shape[0] > 0 and flat.stride(-1) != 1:
         flat = flat.contiguous()
     return Packed(
         logits=flat, labels=labels.reshape(-1).to(torch.int64), old_logp=old, advantages=adv, mask=m,
-        rollout_is_weights=isw, cu_seqlens=cu, norm=check_norm(norm, dev), norm_len=norm_len,
+        rollout_is_weights=isw, cu_seqlens=cu, norm=check_norm(norm, logits.device), norm_len=norm_len,
         temperature=temperature, shape=tuple(logits.shape),
     )
 
@@ -165,39 +171,12 @@ def pack_logp_inputs(logp, old_logp, advantages, mask, *, cu_seqlens, rollout_is
 
     Returns (logp, old, adv, mask, isw, cu, norm, norm_len) in packed 1-D form."""
     _is_tensor(logp, "logp")
-    _is_tensor(old_logp, "old_logp")
-    _is_tensor(advantages, "advantages")
     if not logp.dtype.is_floating_point:
         raise TypeError(f"logp must be a floating-point tensor, got {logp.dtype}")
     if logp.dim() not in (1, 2):
         raise ValueError(f"logp must be (T,) packed or (B, L) padded, got shape {tuple(logp.shape)}")
-    dev = logp.device
-    # _per_token checks shapes against logits.shape[:-1]; give it a stand-in with a trailing dim.
-    stand_in = logp.unsqueeze(-1)
-    old = _per_token(old_logp, "old_logp", stand_in)
-    isw = _per_token(rollout_is_weights, "rollout_is_weights", stand_in)
-    m = _per_token(mask, "mask", stand_in, floating=False)
-    if m is not None and m.dtype != torch.bool:
-        m = m != 0
-    if advantages.device != dev:
-        raise ValueError(f"advantages must be on logp's device {dev}, got {advantages.device}")
-    if not advantages.dtype.is_floating_point:
-        raise TypeError(f"advantages must be a floating-point tensor, got {advantages.dtype}")
-    if logp.dim() == 2:
-        B, L = logp.shape
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is only for packed (T,) logp; padded (B, L) logp implies it")
-        if tuple(advantages.shape) not in ((B,), (B, L)):
-            raise ValueError(f"advantages must have shape ({B},) or ({B}, {L}), got {tuple(advantages.shape)}")
-        cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * L
-        norm_len = float(L)
-    else:
-        T = logp.shape[0]
-        if cu_seqlens is None:
-            raise ValueError("cu_seqlens (S+1,) is required with packed (T,) logp")
-        cu = check_cu_seqlens(cu_seqlens, T, dev)
-        S = cu.numel() - 1
-        if advantages.dim() != 1 or advantages.shape[0] not in (S, T):
-            raise ValueError(f"advantages must have shape ({S},) or ({T},), got {tuple(advantages.shape)}")
-        norm_len = 0.0
-    return logp.reshape(-1), old, advantages.reshape(-1), m, isw, cu, check_norm(norm, dev), norm_len
+    # The companions are checked against a stand-in whose leading dims are logp's token layout.
+    old, isw, m, adv, cu, norm_len = _companions(logp.unsqueeze(-1), "(T,) logp" if logp.dim() == 1 else "(B, L) logp",
+                                                 old_logp, advantages, mask, cu_seqlens=cu_seqlens,
+                                                 rollout_is_weights=rollout_is_weights)
+    return logp.reshape(-1), old, adv, m, isw, cu, check_norm(norm, logp.device), norm_len
