@@ -9,9 +9,21 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
+__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "has_kernels", "check_loss", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
 
+from ._backend import has_kernels  # noqa: E402  (no torch import)
 from ._spec import AGGS, LOSSES, METRIC_NAMES  # noqa: E402  (no torch import)
+
+
+def check_loss(loss: str, agg=None, **params):
+    """Validate a loss name, its parameters and an aggregation mode without running anything.
+
+    Returns (agg, {param: value}) with each loss's defaults filled in; raises ValueError/TypeError
+    naming the offending argument (what `policy_loss` would raise)."""
+    from ._spec import LOSS_PARAMS, resolve_loss
+
+    agg, values = resolve_loss(loss, agg, params)
+    return agg, dict(zip(LOSS_PARAMS[loss], values))
 
 
 def __getattr__(name):

@@ -121,8 +121,8 @@ class AlgorithmConfig:
         _check(self.adv_eps > 0, "algorithm.adv_eps", "must be > 0")
         _check(self.tis_cap > 0, "algorithm.tis_cap", "must be > 0")
         try:
-            from vespo_ext._spec import resolve_loss
-            resolve_loss(self.loss, self.agg, dict(self.loss_params))
+            from vespo_ext import check_loss
+            check_loss(self.loss, self.agg, **dict(self.loss_params))
         except ImportError:
             pass
         except (TypeError, ValueError) as exc:

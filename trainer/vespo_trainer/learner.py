@@ -65,9 +65,9 @@ class Learner:
         self.version = 0  # optimizer steps taken by the policy (0 = initial / warmed-up weights)
 
     def info(self) -> dict:
-        from vespo_ext import _backend
+        from vespo_ext import has_kernels
 
-        kernels = "fused" if _backend.has_kernels(self.device) else \
+        kernels = "fused" if has_kernels(self.device) else \
             "pure-torch reference (fallback: vespo_ext has no compiled kernels here)"
         return {"params": self.n_params, "loss_kernels": kernels, "threads": self.threads, "device": str(self.device),
                 "zero_stage": self.cfg.actor.zero_stage, "micro_batch": self.micro, "grad_accum": self.gas,
