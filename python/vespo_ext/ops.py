@@ -7,6 +7,9 @@ with grad_inplace=True).
 """
 from __future__ import annotations
 
+import math
+import sys
+import threading
 import warnings
 from contextlib import nullcontext
 from typing import Optional
@@ -92,10 +95,83 @@ def _bwd_into(grad: Tensor, logits, labels, mask, logp, lse, dlogp, grad_loss, i
                         inv_temperature=inv_temperature, ignore_index=_NO_IGNORE, **_launch(logits))
 
 
+class _CpuGradCache:
+    """Reuses one large CPU gradient buffer across steps.
+
+    CPU torch has no caching allocator: every new (T, V) gradient is fresh memory from the OS, and
+    on the machines we measured its first touch (page faults + zeroing) costs as much as the
+    backward kernel itself. The cache keeps the last large buffer and hands out a *view* of it
+    (a new tensor sharing its storage) only when nothing but the cache still refers to that
+    storage, i.e. when every gradient handed out before has been freed. Holds at most one buffer;
+    `clear()` releases it.
+
+    "Nothing else refers to it" is read from two counts: the storage's C++ use count (every tensor
+    or view on it) and the refcount of its Python storage object (a kept `untyped_storage()` does
+    not show in the first). Both are private details of torch, so the probe is calibrated once on
+    a scratch tensor; if it cannot tell "free" from "a view is alive" and from "its storage object
+    is kept", the cache stays off and every gradient is a fresh `torch.empty`.
+    """
+
+    MIN_BYTES = 16 << 20
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buf: Optional[Tensor] = None
+        self._free_probe = self._calibrate()
+
+    @staticmethod
+    def _probe(t: Tensor):
+        s = t.untyped_storage()
+        return torch._C._storage_Use_Count(s._cdata), sys.getrefcount(s)
+
+    def _calibrate(self):
+        try:
+            t = torch.empty(4)
+            free = self._probe(t)
+            kept = t.untyped_storage()
+            with_storage = self._probe(t)
+            del kept
+            view = t.view(2, 2)
+            with_view = self._probe(t)
+            del view
+            if free not in (with_storage, with_view) and self._probe(t) == free:
+                return free
+        except Exception:  # a torch without these internals: no cache
+            pass
+        return None
+
+    def empty(self, shape, dtype) -> Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if self._free_probe is None or nbytes < self.MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            buf = self._buf
+            if (buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype
+                    or self._probe(buf) != self._free_probe):
+                buf = torch.empty(shape, dtype=dtype)
+                self._buf = buf
+            return buf.view(shape)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buf = None
+
+
+_cpu_grad_cache = _CpuGradCache()
+
+
+def clear_cpu_buffer_cache() -> None:
+    """Release the cached CPU gradient buffer (see _CpuGradCache)."""
+    _cpu_grad_cache.clear()
+
+
 @torch.library.custom_op("vespo::logprob_bwd", mutates_args=())
 def _logprob_bwd(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor, dlogp: Tensor,
                  grad_loss: Tensor, inv_temperature: float) -> Tensor:
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if logits.device.type == "cpu":
+        grad = _cpu_grad_cache.empty(tuple(logits.shape), logits.dtype)
+    else:  # CUDA: torch's caching allocator already reuses memory
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _bwd_into(grad, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature)
     return grad
 
