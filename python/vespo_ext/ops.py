@@ -43,11 +43,23 @@ def _dl(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def _raise_bad_label(bad: Tensor, labels: Tensor, V: int) -> None:
+def _raise_bad_label(bad: Tensor, labels: Tensor, V: int, why: str) -> None:
     row = int(bad.item())  # one host sync; the only one of the forward
     if row:
-        raise IndexError(f"labels[{row - 1}] = {int(labels[row - 1])} is outside [0, {V}) at a counted position "
-                         "(give such positions mask=0)")
+        raise IndexError(f"labels[{row - 1}] = {int(labels[row - 1])} is outside [0, {V}) {why}")
+
+
+def _seq_reduce(mod, la: dict, logp: Tensor, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm,
+                loss_type: int, params: list, agg: int, norm_len: float):
+    """Allocate the outputs and run seq_reduce: (loss 0-d, dlogp (T,), metrics)."""
+    f32 = {"dtype": torch.float32, "device": logp.device}
+    loss, dlogp = torch.empty(1, **f32), torch.empty(logp.shape[0], **f32)
+    metrics = torch.empty(len(METRIC_NAMES), **f32)
+    ws = torch.empty(cu_seqlens.numel() * _SEQ_STRIDE, dtype=torch.float64, device=logp.device)  # (S + 1) records
+    mod.seq_reduce(_dl(cu_seqlens), _dl(logp), _dl(old_logp), _dl(advantages), _dl(mask), _dl(rollout_is_weights),
+                   _dl(norm), loss, dlogp, metrics, ws, loss_type=loss_type, params=params, agg=agg,
+                   norm_len=norm_len, **la)
+    return loss.reshape(()), dlogp, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,21 +71,17 @@ def _policy_loss_fwd(logits: Tensor, labels: Tensor, old_logp: Tensor, advantage
                      grad_inplace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     mod = _backend.module_for(logits.device)
     T, V = logits.shape
-    f32 = {"dtype": torch.float32, "device": logits.device}
-    logp, lse, dlogp = torch.empty(T, **f32), torch.empty(T, **f32), torch.empty(T, **f32)
-    loss, metrics = torch.empty(1, **f32), torch.empty(len(METRIC_NAMES), **f32)
+    logp = torch.empty(T, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(T, dtype=torch.float32, device=logits.device)
     bad = torch.zeros(1, dtype=torch.int64, device=logits.device)
-    S = cu_seqlens.numel() - 1
-    ws = torch.empty((S + 1) * _SEQ_STRIDE, dtype=torch.float64, device=logits.device)
     la = _launch(logits)
     with _guard(logits):
         mod.logprob_fwd(_dl(logits), _dl(labels), _dl(mask), logp, lse, None, bad, inv_temperature=inv_temperature,
                         ignore_index=_NO_IGNORE, **la)
-        _raise_bad_label(bad, labels, V)
-        mod.seq_reduce(_dl(cu_seqlens), logp, _dl(old_logp), _dl(advantages), _dl(mask), _dl(rollout_is_weights),
-                       _dl(norm), loss, dlogp, metrics, ws, loss_type=loss_type, params=params, agg=agg,
-                       norm_len=norm_len, **la)
-    return loss.reshape(()), logp, lse, dlogp, metrics
+        _raise_bad_label(bad, labels, V, "at a counted position (give such positions mask=0)")
+        loss, dlogp, metrics = _seq_reduce(mod, la, logp, old_logp, advantages, mask, cu_seqlens, rollout_is_weights,
+                                           norm, loss_type, params, agg, norm_len)
+    return loss, logp, lse, dlogp, metrics
 
 
 @_policy_loss_fwd.register_fake
@@ -141,7 +149,7 @@ class _CpuGradCache:
         return None
 
     def empty(self, shape, dtype) -> Tensor:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if self._free_probe is None or nbytes < self.MIN_BYTES:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
@@ -229,10 +237,7 @@ def _token_logprobs(logits: Tensor, labels: Tensor, inv_temperature: float, with
     with _guard(logits):
         mod.logprob_fwd(_dl(logits), _dl(labels), None, logp, lse, entropy if with_entropy else None, bad,
                         inv_temperature=inv_temperature, ignore_index=ignore_index, **_launch(logits))
-    row = int(bad.item())
-    if row:
-        raise IndexError(f"labels[{row - 1}] = {int(labels[row - 1])} is outside [0, {V}) and is not "
-                         f"ignore_index={ignore_index}")
+    _raise_bad_label(bad, labels, V, f"and is not ignore_index={ignore_index}")
     return logp, entropy
 
 
@@ -249,16 +254,9 @@ def _(logits, labels, inv_temperature, with_entropy, ignore_index):
 def _seq_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], cu_seqlens: Tensor,
               rollout_is_weights: Optional[Tensor], norm: Optional[Tensor], loss_type: int, params: list[float],
               agg: int, norm_len: float) -> tuple[Tensor, Tensor, Tensor]:
-    mod = _backend.module_for(logp.device)
-    T = logp.shape[0]
-    f32 = {"dtype": torch.float32, "device": logp.device}
-    loss, dlogp, metrics = torch.empty(1, **f32), torch.empty(T, **f32), torch.empty(len(METRIC_NAMES), **f32)
-    ws = torch.empty((cu_seqlens.numel()) * _SEQ_STRIDE, dtype=torch.float64, device=logp.device)
     with _guard(logp):
-        mod.seq_reduce(_dl(cu_seqlens), _dl(logp), _dl(old_logp), _dl(advantages), _dl(mask), _dl(rollout_is_weights),
-                       _dl(norm), loss, dlogp, metrics, ws, loss_type=loss_type, params=params, agg=agg,
-                       norm_len=norm_len, **_launch(logp))
-    return loss.reshape(()), dlogp, metrics
+        return _seq_reduce(_backend.module_for(logp.device), _launch(logp), logp, old_logp, advantages, mask,
+                           cu_seqlens, rollout_is_weights, norm, loss_type, params, agg, norm_len)
 
 
 @_seq_loss.register_fake
