@@ -379,28 +379,28 @@ void launch_bwd(const LogprobParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+// Calls f with a value of the logits' element type (float, __nv_bfloat16 or __half).
+template <typename F>
+void by_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    default: f(__half{}); break;
+  }
+}
+
 void logprob_fwd(const LogprobParams& p) {
   check_params(p, "logprob_fwd", false);
   if (p.T == 0) return;
   detail::ensure_device();
-  const cudaStream_t stream = detail::as_stream(p.stream);
-  switch (p.dtype) {
-    case DType::kFloat32: launch_fwd<float>(p, stream); break;
-    case DType::kBFloat16: launch_fwd<__nv_bfloat16>(p, stream); break;
-    default: launch_fwd<__half>(p, stream); break;
-  }
+  by_dtype(p.dtype, [&](auto tag) { launch_fwd<decltype(tag)>(p, detail::as_stream(p.stream)); });
 }
 
 void logprob_bwd(const LogprobParams& p) {
   check_params(p, "logprob_bwd", true);
   if (p.T == 0) return;
   detail::ensure_device();
-  const cudaStream_t stream = detail::as_stream(p.stream);
-  switch (p.dtype) {
-    case DType::kFloat32: launch_bwd<float>(p, stream); break;
-    case DType::kBFloat16: launch_bwd<__nv_bfloat16>(p, stream); break;
-    default: launch_bwd<__half>(p, stream); break;
-  }
+  by_dtype(p.dtype, [&](auto tag) { launch_bwd<decltype(tag)>(p, detail::as_stream(p.stream)); });
 }
 
 }  // namespace cuda
