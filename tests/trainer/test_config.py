@@ -43,7 +43,10 @@ def test_overrides_and_types():
     (["algorithm.loss=ppo"], "algorithm.loss", "must be one of vespo, grpo, gspo, sapo, cispo"),
     (["algorithm.loss=grpo", "algorithm.loss_params.k_pos=2.0"], "algorithm.loss_params", "k_pos"),
     (["algorithm.agg=mean"], "algorithm.agg", "must be one of"),
-    (["trainer.mode=async"], "trainer.mode", "not implemented yet"),
+    (["trainer.mode=async", "async.rollout_chunk=100"], "async.rollout_chunk", "exceed the window budget"),
+    (["async.staleness_threshold=-1"], "async.staleness_threshold", ">= 0"),
+    (["async.no_such_key=1"], "async.no_such_key", "not in"),
+    (["trainer.mode=later"], "trainer.mode", "sync, async"),
     (["rollout.backend=vllm"], "rollout.backend", "not implemented yet"),
     (["trainer.total_steps=0"], "trainer.total_steps", ">= 1"),
     (["trainer.total_steps=ten"], "trainer.total_steps", "could not be converted"),
@@ -64,6 +67,21 @@ def test_validation_errors_name_the_key(overrides, key, words):
     msg = str(err.value)
     assert msg.startswith(key) or key in msg, msg
     assert words in msg, msg
+
+
+def test_async_group_is_spelled_async(tmp_path):
+    """`async` is a Python keyword: the dataclass field is async_, YAML and overrides say `async`."""
+    path = tmp_path / "a.yaml"
+    path.write_text("trainer:\n  mode: async\nasync:\n  staleness_threshold: 0.5\n  trigger_parameter_sync_step: 4\n")
+    cfg = load_config(str(path), ["async.partial_rollout=true"])
+    assert cfg.async_.staleness_threshold == 0.5 and cfg.async_.trigger_parameter_sync_step == 4
+    assert cfg.async_.partial_rollout and cfg.async_window == int(1.5 * 4 * cfg.actor.ppo_mini_batch_size)
+    assert "async" in to_dict(cfg) and "async_" not in to_dict(cfg)
+    again = tmp_path / "b.yaml"
+    from vespo_trainer.config import to_yaml
+
+    again.write_text(to_yaml(cfg))
+    assert to_dict(load_config(str(again))) == to_dict(cfg)
 
 
 def test_missing_config_file():

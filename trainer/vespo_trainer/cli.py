@@ -26,12 +26,29 @@ def plan_text(cfg) -> str:
     params = ", ".join(f"{k}={v}" for k, v in alg.loss_params.items()) or "defaults"
     old = "recomputed by the learner" if (alg.behaviour_logp == "recompute" or alg.tis) else "from the rollout engine"
     addr = ray_address(cfg)
+    if cfg.trainer.mode == "async":
+        ac, S = cfg.async_, cfg.async_.trigger_parameter_sync_step * cfg.async_step_groups
+        mode = [
+            f"  mode          async: an optimizer step per {cfg.async_step_groups} prompt groups ({ac.require_batches} x "
+            f"{mb}); weights pushed every {ac.trigger_parameter_sync_step} steps (S = {S} groups per push)",
+            f"  window        at most (1 + {ac.staleness_threshold:g}) x {S} = {cfg.async_window} groups started but not "
+            f"trained when a push lands; {cfg.rollout_chunk} groups per generate call; partial rollout "
+            f"{'on' if ac.partial_rollout else 'off'}" + (f"; drop samples older than {ac.max_lag}" if ac.max_lag >= 0
+                                                          else ""),
+        ]
+        tb, N = cfg.async_step_groups, 1  # prompts and optimizer steps per step, for the lines below
+        push = f"every {ac.trigger_parameter_sync_step} optimizer steps"
+    else:
+        push = "after every step"
+        mode = [
+            f"  mode          sync: staleness N = train_batch_size / ppo_mini_batch_size = {tb} / {mb} = {N} "
+            "optimizer steps per rollout step",
+            f"  lag           mini-batch k of a step trains on data k policy versions old: k = 0..{N - 1} "
+            f"(expected mean {(N - 1) / 2:g}, max {N - 1})",
+        ]
     lines = [
         "vespo train: plan (dry run; nothing was started)",
-        f"  mode          {cfg.trainer.mode}: staleness N = train_batch_size / ppo_mini_batch_size = {tb} / {mb} = {N} "
-        "optimizer steps per rollout step",
-        f"  lag           mini-batch k of a step trains on data k policy versions old: k = 0..{N - 1} "
-        f"(expected mean {(N - 1) / 2:g}, max {N - 1})",
+        *mode,
         f"  samples       {tb} prompts x {n} responses = {tb * n} per step; {mb} prompts = {mb * n} responses per "
         f"mini-batch; micro-batch {micro} (gradient accumulation {mb * n // micro})",
         f"  run           {cfg.trainer.total_steps} steps = {cfg.trainer.total_steps * N} optimizer steps, "
@@ -46,7 +63,7 @@ def plan_text(cfg) -> str:
             z=cfg.actor.zero_stage, lr=cfg.actor.lr, c=cfg.actor.num_cpus, r=cfg.rollout.num_workers,
             b=cfg.rollout.backend, d=cfg.rollout.dtype, t=cfg.rollout.temperature, rc=cfg.rollout.num_cpus,
             w=cfg.reward.num_workers, p=cfg.reward.num_procs, to=cfg.reward.timeout_s),
-        f"  weight sync   after every step, buckets of <= {cfg.weight_sync.bucket_mb:g} MiB through Ray",
+        f"  weight sync   {push}, buckets of <= {cfg.weight_sync.bucket_mb:g} MiB through Ray",
         f"  ray           {'join ' + addr if addr else 'start a local Ray'}"
         + (f" with {cfg.ray.num_cpus} CPUs" if not addr and cfg.ray.num_cpus else ""),
         f"  output        {cfg.trainer.output_dir or 'runs/' + cfg.trainer.experiment_name + '-<time>'}"
@@ -118,16 +135,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dry_run:
         print(plan_text(cfg))
         return 0
+    from .interrupt import Interrupted, TrainingAborted
     from .sync_loop import train
 
+    resume = f"trainer.resume=true trainer.output_dir={cfg.trainer.output_dir}"
     try:
         run_dir = train(cfg)
     except (FileExistsError, ConfigError) as exc:
         print(f"vespo: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"vespo: {exc}; continue with {resume}", file=sys.stderr)
+        return 130
+    except TrainingAborted as exc:
+        print(f"vespo: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("vespo: interrupted; resume with trainer.resume=true "
-              f"trainer.output_dir={cfg.trainer.output_dir}", file=sys.stderr)
+        print(f"vespo: stopped at once (no checkpoint written now); continue from the last one with {resume}",
+              file=sys.stderr)
         return 130
     print(f"done: {run_dir}  (curves: vespo plot {run_dir})")
     return 0

@@ -48,7 +48,7 @@ def use_cuda(cfg) -> bool:
         return False
 
 
-def plan_resources(cfg, cluster: dict) -> dict:
+def plan_resources(cfg, cluster: dict, check: bool = True) -> dict:
     """CPUs/GPUs per actor; -1 GPUs means: 1 each when the cluster has enough, else share one GPU."""
     cuda = use_cuda(cfg)
     r = cfg.rollout.num_workers
@@ -63,7 +63,7 @@ def plan_resources(cfg, cluster: dict) -> dict:
     need_cpu = cfg.actor.num_cpus + r * cfg.rollout.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus
     need_gpu = learner_gpu + r * rollout_gpu
     local = ray_address(cfg) is None  # a remote cluster may autoscale: only a local Ray is checked
-    if local and (need_cpu > cluster.get("CPU", 0.0) + 1e-9 or need_gpu > gpus + 1e-9):
+    if check and local and (need_cpu > cluster.get("CPU", 0.0) + 1e-9 or need_gpu > gpus + 1e-9):
         raise RuntimeError(
             f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has "
             f"{cluster.get('CPU', 0):g} CPUs and {gpus:g} GPUs: lower actor/rollout/reward.num_cpus or num_gpus, "
@@ -83,16 +83,50 @@ def start_actors(cfg) -> Actors:
 
     from .learner import Learner
     from .reward import RewardWorker
-    from .rollout import RolloutWorker
 
     if use_cuda(cfg) and cfg.trainer.device == "auto":
         cfg.trainer.device = "cuda"  # what the actors should use, whatever the driver sees
     res = plan_resources(cfg, ray.cluster_resources())
     learner = ray.remote(Learner).options(**res["learner"]).remote(cfg)
-    rollout = [ray.remote(RolloutWorker).options(**res["rollout"]).remote(cfg, rank)
-               for rank in range(cfg.rollout.num_workers)]
+    rollout = [_new_rollout(cfg, res, rank) for rank in range(cfg.rollout.num_workers)]
     reward = [ray.remote(RewardWorker).options(**res["reward"]).remote(cfg) for _ in range(cfg.reward.num_workers)]
     return Actors(learner, rollout, reward)
+
+
+def _new_rollout(cfg, res: dict, rank: int):
+    import ray
+
+    from .rollout import RolloutWorker
+
+    # partial rollout: a weight update must reach the worker while it generates (a threaded actor)
+    threaded = cfg.trainer.mode == "async" and cfg.async_.partial_rollout
+    return ray.remote(RolloutWorker).options(max_concurrency=4 if threaded else 1, **res["rollout"]).remote(cfg, rank)
+
+
+def restart_rollout(cfg, actors: Actors, rank: int):
+    """Replace rollout worker `rank` (dead) by a fresh one; it needs weights before it generates."""
+    import ray
+
+    try:
+        ray.kill(actors.rollout[rank])
+    except Exception:
+        pass
+    actors.rollout[rank] = _new_rollout(cfg, plan_resources(cfg, ray.cluster_resources(), check=False), rank)
+    return actors.rollout[rank]
+
+
+def restart_reward(cfg, actors: Actors, index: int):
+    import ray
+
+    from .reward import RewardWorker
+
+    try:
+        ray.kill(actors.reward[index])
+    except Exception:
+        pass
+    res = plan_resources(cfg, ray.cluster_resources(), check=False)
+    actors.reward[index] = ray.remote(RewardWorker).options(**res["reward"]).remote(cfg)
+    return actors.reward[index]
 
 
 def stop_actors(actors: Actors) -> None:

@@ -42,13 +42,14 @@ def _one_of(value, key: str, choices) -> None:
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = _f(1000, "rollout steps (each: generate, score, N optimizer steps, weight sync)")
+    total_steps: int = _f(1000, "sync: rollout steps (each: generate, score, N optimizer steps, weight sync); "
+                                "async: learner optimizer steps")
     output_dir: Optional[str] = _f(None, "run directory; default runs/<experiment_name>-<time>")
     experiment_name: str = _f("arith", "name used in the default output_dir")
     seed: int = _f(0, "seed of the model init, data order and sampling (all derived from it)")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir (same data order and RNG)")
-    mode: str = _f("sync", "sync: staleness N = data.train_batch_size / actor.ppo_mini_batch_size "
-                           "(async arrives in a later release)")
+    mode: str = _f("sync", "sync: generate a batch, then N = data.train_batch_size / actor.ppo_mini_batch_size "
+                           "optimizer steps on it; async: rollout and learner run at the same time (see async.*)")
     save_every: int = _f(100, "save a checkpoint every this many steps (0: only at the end); always at the end")
     keep_checkpoints: int = _f(2, "keep this many most recent checkpoints (0: keep all)")
     num_threads: int = _f(0, "torch threads per actor (0: the CPUs Ray gives the actor, at least 1)")
@@ -60,9 +61,7 @@ class TrainerConfig:
 
     def __post_init__(self):
         _check(self.total_steps >= 1, "trainer.total_steps", f"must be >= 1; got {self.total_steps}")
-        _check(self.mode != "async", "trainer.mode",
-               "'async' is not implemented yet; this release trains in 'sync' mode")
-        _one_of(self.mode, "trainer.mode", ("sync",))
+        _one_of(self.mode, "trainer.mode", ("sync", "async"))
         _check(self.save_every >= 0, "trainer.save_every", "must be >= 0")
         _check(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", "must be >= 0")
         _check(self.num_threads >= 0, "trainer.num_threads", "must be >= 0")
@@ -226,6 +225,32 @@ class WeightSyncConfig:
 
 
 @dataclass
+class AsyncConfig:
+    """`async.*` (spelled `async_` in Python): veRL's fully-async semantics, SPEC.md "Staleness"."""
+    trigger_parameter_sync_step: int = _f(1, "push the learner's weights to the rollout workers every this many "
+                                             "optimizer steps")
+    staleness_threshold: float = _f(0.0, "between two weight pushes the rollout side may have at most "
+                                         "(1 + staleness_threshold) x S prompt groups started but not yet trained, "
+                                         "S = trigger_parameter_sync_step x require_batches x "
+                                         "actor.ppo_mini_batch_size; 0 = no sample older than the current window")
+    require_batches: int = _f(1, "mini-batches of actor.ppo_mini_batch_size prompt groups per optimizer step")
+    partial_rollout: bool = _f(False, "a weight push interrupts generation in flight, which continues with the new "
+                                      "weights (each token keeps the version and log-prob that produced it); "
+                                      "false: the push waits for the generation in flight to finish")
+    rollout_chunk: int = _f(0, "prompt groups per generate call of a rollout worker (0: ppo_mini_batch_size / "
+                               "rollout.num_workers, at least 1)")
+    max_lag: int = _f(-1, "drop (and count in async/dropped_samples) a sample whose lag would exceed this at "
+                          "training time; -1: never drop (the staleness_threshold budget bounds the lag)")
+
+    def __post_init__(self):
+        _check(self.trigger_parameter_sync_step >= 1, "async.trigger_parameter_sync_step", "must be >= 1")
+        _check(self.staleness_threshold >= 0, "async.staleness_threshold", "must be >= 0")
+        _check(self.require_batches >= 1, "async.require_batches", "must be >= 1")
+        _check(self.rollout_chunk >= 0, "async.rollout_chunk", "must be >= 0")
+        _check(self.max_lag >= -1, "async.max_lag", "must be >= 0, or -1 (never drop)")
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = _f(None, "Ray cluster to join (null: $RAY_ADDRESS if set, else start a local Ray)")
     num_cpus: Optional[int] = _f(None, "CPUs of a local Ray (null: all)")
@@ -246,6 +271,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    async_: AsyncConfig = field(default_factory=AsyncConfig)  # `async` in YAML and overrides
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
@@ -257,6 +283,11 @@ class Config:
         if self.actor.micro_batch_size:
             _check((mb * n) % self.actor.micro_batch_size == 0, "actor.micro_batch_size",
                    f"must divide the mini-batch's {mb} x {n} = {mb * n} responses; got {self.actor.micro_batch_size}")
+        if self.trainer.mode == "async":
+            chunk = self.async_.rollout_chunk or self.rollout_chunk
+            _check(chunk <= self.async_window, "async.rollout_chunk",
+                   f"{chunk} prompt groups per call exceed the window budget of {self.async_window} groups "
+                   "((1 + staleness_threshold) x trigger_parameter_sync_step x require_batches x ppo_mini_batch_size)")
         _check(self.trainer.resume is False or self.trainer.output_dir is not None, "trainer.resume",
                "needs trainer.output_dir (the run to continue)")
 
@@ -266,6 +297,36 @@ class Config:
         """N: optimizer steps per rollout step; mini-batch k of a step is k policy versions behind."""
         return self.data.train_batch_size // self.actor.ppo_mini_batch_size
 
+    @property
+    def async_step_groups(self) -> int:
+        """Prompt groups per async optimizer step (require_batches x ppo_mini_batch_size)."""
+        return self.async_.require_batches * self.actor.ppo_mini_batch_size
+
+    @property
+    def async_window(self) -> int:
+        """Most prompt groups started but not yet trained when a weight push lands: (1 + threshold) x S."""
+        S = self.async_.trigger_parameter_sync_step * self.async_step_groups
+        return int((1.0 + self.async_.staleness_threshold) * S + 1e-9)
+
+    @property
+    def rollout_chunk(self) -> int:
+        """Prompt groups per generate call in async mode."""
+        return self.async_.rollout_chunk or max(1, self.actor.ppo_mini_batch_size // self.rollout.num_workers)
+
+
+ALIASES = {"async": "async_"}  # user-facing group name -> dataclass field (a Python keyword cannot be a field)
+
+
+def _field_key(key: str) -> str:
+    head, dot, rest = key.partition(".")
+    return ALIASES.get(head, head) + dot + rest
+
+
+def _user_key(key: str) -> str:
+    head, dot, rest = key.partition(".")
+    back = {v: k for k, v in ALIASES.items()}
+    return back.get(head, head) + dot + rest
+
 
 def help_text() -> List[tuple]:
     """[(dotted key, default, help)] for every leaf field, in declaration order."""
@@ -273,7 +334,7 @@ def help_text() -> List[tuple]:
     for group in dataclasses.fields(Config):
         for f in dataclasses.fields(group.default_factory):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{group.name}.{f.name}", default, f.metadata.get("help", "")))
+            rows.append((_user_key(f"{group.name}.{f.name}"), default, f.metadata.get("help", "")))
     return rows
 
 
@@ -285,12 +346,16 @@ def load_config(config_file: Optional[str] = None, overrides: Optional[List[str]
         if config_file:
             if not os.path.isfile(config_file):
                 raise ConfigError(f"--config: no such file: {config_file}")
-            layers.append(OmegaConf.load(config_file))
+            layer = OmegaConf.load(config_file)
+            for user, fld in ALIASES.items():
+                if user in layer:
+                    layer[fld] = layer.pop(user)
+            layers.append(layer)
         if overrides:
             bad = [o for o in overrides if "=" not in o or o.startswith("=")]
             if bad:
                 raise ConfigError(f"overrides must look like key=value (e.g. trainer.total_steps=10); got {bad}")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.from_dotlist([_field_key(o) for o in overrides]))
         merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except ConfigError:
@@ -298,13 +363,16 @@ def load_config(config_file: Optional[str] = None, overrides: Optional[List[str]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+        key = _user_key(key) if key else key
         raise ConfigError(f"{key + ': ' if key else ''}{msg}") from None
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """The config as plain containers, with the user-facing group names (`async`)."""
+    d = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return {_user_key(k): v for k, v in d.items()}
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 

@@ -71,7 +71,7 @@ class Learner:
             "pure-torch reference (fallback: vespo_ext has no compiled kernels here)"
         return {"params": self.n_params, "loss_kernels": kernels, "threads": self.threads, "device": str(self.device),
                 "zero_stage": self.cfg.actor.zero_stage, "micro_batch": self.micro, "grad_accum": self.gas,
-                "version": self.version}
+                "version": self.version, "pid": os.getpid()}
 
     # -- forward helpers ------------------------------------------------------------------------
     def _response_logits(self, input_ids, attention_mask, L: int):

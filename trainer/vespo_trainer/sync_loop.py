@@ -22,7 +22,8 @@ import torch
 from . import checkpoint as ckpt
 from .algorithm import group_advantages, merge_rollouts, split_groups
 from .cluster import ray_session, start_actors, stop_actors
-from .config import Config, to_yaml
+from .config import Config, ConfigError, to_yaml
+from .interrupt import GracefulInterrupt, Interrupted
 from .metrics_log import Progress, RunLog
 from .task import PromptStream, make_tokenizer, task_prompts, warmup_texts
 
@@ -43,33 +44,41 @@ def resolve_run_dir(cfg: Config) -> str:
 
 
 def train(cfg: Config) -> str:
-    """Run (or resume) a training run; returns the run directory."""
+    """Run (or resume) a training run in cfg.trainer.mode; returns the run directory.
+
+    Raises Interrupted after a Ctrl-C (a checkpoint was saved), TrainingAborted on a fatal actor failure.
+    """
+    from .async_loop import async_loop
+
     run_dir = resolve_run_dir(cfg)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     progress = Progress(cfg.trainer.progress, cfg.trainer.total_steps, 0, cfg.trainer.log_every)
-    with ray_session(cfg):
+    loop = async_loop if cfg.trainer.mode == "async" else _loop
+    with ray_session(cfg), GracefulInterrupt(progress.print) as stop:
         actors = start_actors(cfg)
         try:
-            _loop(cfg, run_dir, actors, progress)
+            loop(cfg, run_dir, actors, progress, stop)
         finally:
             progress.close()
             stop_actors(actors)
     return run_dir
 
 
-def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
+def start_run(cfg: Config, run_dir: str, actors, progress: Progress):
+    """Common start of both loops: restore a checkpoint or warm up; (start_step, trainer_state or None, info)."""
     import ray
 
-    tc, n, tb = cfg.trainer, cfg.rollout.n, cfg.data.train_batch_size
-    tok = make_tokenizer()
-    stream = PromptStream(task_prompts(cfg.task), tc.seed, cfg.data.shuffle)
+    tc = cfg.trainer
     learner_info = ray.get(actors.learner.info.remote())
-    start_step, tag = 0, ckpt.latest(run_dir) if tc.resume else None
+    tag = ckpt.latest(run_dir) if tc.resume else None
+    start_step, state = 0, None
     if tag is not None:
         state = ckpt.read_trainer_state(run_dir, tag)
+        if state.get("mode", "sync") != tc.mode:
+            raise ConfigError(f"trainer.mode: the checkpoint {tag} was written in {state.get('mode', 'sync')!r} "
+                              f"mode; resume it in that mode")
         ray.get(actors.learner.load.remote(ckpt.ckpt_root(run_dir), tag))
-        stream.load_state_dict(state["data"])
         start_step = state["step"]
         progress.print(f"resumed {run_dir} from {tag} (step {start_step}, policy version {state['version']})")
     else:
@@ -82,6 +91,20 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
             w = ray.get(actors.learner.warmup.remote(pairs))
             progress.print(f"format warm-up: {w['warmup/steps']} steps, loss {w['warmup/loss_first']:.3f} -> "
                            f"{w['warmup/loss_last']:.3f} ({w['warmup/seconds']:.1f}s)")
+    if start_step >= tc.total_steps:
+        progress.print(f"nothing to do: the run is at step {start_step} and trainer.total_steps={tc.total_steps}")
+    return start_step, state, learner_info
+
+
+def _loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: GracefulInterrupt) -> None:
+    import ray
+
+    tc, n, tb = cfg.trainer, cfg.rollout.n, cfg.data.train_batch_size
+    tok = make_tokenizer()
+    stream = PromptStream(task_prompts(cfg.task), tc.seed, cfg.data.shuffle)
+    start_step, state, learner_info = start_run(cfg, run_dir, actors, progress)
+    if state is not None:
+        stream.load_state_dict(state["data"])
     progress.print(f"run dir {run_dir}: {learner_info['params']:,} params, staleness N={cfg.staleness}, "
                    f"{tb}x{n} responses/step, learner on {learner_info['device']} "
                    f"(ZeRO-{learner_info['zero_stage']}, {learner_info['threads']} threads), "
@@ -89,11 +112,10 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
     _sync_weights(cfg, actors)  # the rollout workers start from the learner's weights (fresh or restored)
     log = RunLog(run_dir, start_step, tc.tensorboard, tc.provenance)
     progress.start_at(start_step)
-    if start_step >= tc.total_steps:
-        progress.print(f"nothing to do: the run is at step {start_step} and trainer.total_steps={tc.total_steps}")
     warned_reward = False
     try:
         for step in range(start_step, tc.total_steps):
+
             t0 = time.perf_counter()
             # 1. rollout: each worker gets a contiguous share of the prompt groups
             prompts = stream.next_batch(tb)
@@ -119,32 +141,38 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
             sync_s, sync_mb = _sync_weights(cfg, actors)
             step_s = time.perf_counter() - t0
             # 6. metrics
-            prov = out["provenance"]
-            lags = [u - g for u, g in zip(prov["update_version"], prov["gen_version"])]
-            mask = batch["response_mask"]
-            n_tokens = int(batch["attention_mask"].sum())
-            m = {
-                "reward/mean": float(rewards.mean()),
-                "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-                "reward/timeouts": scored["timeouts"], "reward/errors": scored["errors"],
-                "response/length_mean": float(mask.sum(1).float().mean()),
-                "response/ended_frac": float(((batch["responses"] == tok.eos_token_id) & mask).any(1).float().mean()),
-                "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags), "staleness/min": min(lags),
-                **out["metrics"],
-                "perf/tokens_per_s": n_tokens / step_s, "perf/response_tokens": int(mask.sum()),
-                "perf/weight_sync_mb": sync_mb,
-                "time/step_s": step_s, "time/rollout_s": t_roll - t0, "time/reward_s": t_rew - t_roll,
-                "time/learner_s": t_train - t_rew, "time/weight_sync_s": sync_s,
-            }
-            m.update({f"staleness/hist_{lag}": c for lag, c in sorted(Counter(lags).items())})
-            prov = {**prov, "lag": lags, "reward": rewards.tolist()} if tc.provenance else None
-            log.log(step, m, lags, prov)
+            m, lags, prov = batch_metrics(batch, rewards, out, tok.eos_token_id, step_s)
+            m.update({"reward/timeouts": scored["timeouts"], "reward/errors": scored["errors"],
+                      "perf/weight_sync_mb": sync_mb, "time/rollout_s": t_roll - t0, "time/reward_s": t_rew - t_roll,
+                      "time/learner_s": t_train - t_rew, "time/weight_sync_s": sync_s})
+            log.log(step, m, lags, prov if tc.provenance else None)
             progress.update(step, m)
             done = step + 1
-            if done == tc.total_steps or (tc.save_every and done % tc.save_every == 0):
-                _save(cfg, run_dir, actors, stream, done)
+            if done == tc.total_steps or (tc.save_every and done % tc.save_every == 0) or stop.requested:
+                _save(cfg, run_dir, actors, {"data": stream.state_dict()}, done)
+            if stop.requested and done < tc.total_steps:
+                raise Interrupted(done, run_dir)
     finally:
         log.close()
+
+
+def batch_metrics(batch: dict, rewards: torch.Tensor, out: dict, eos_id: int, step_s: float) -> tuple:
+    """(metrics, lags, provenance) of one trained batch: rewards, lengths, the lag histogram, learner metrics."""
+    prov = out["provenance"]
+    lags = [u - g for u, g in zip(prov["update_version"], prov["gen_version"])]
+    mask = batch["response_mask"]
+    m = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "response/length_mean": float(mask.sum(1).float().mean()),
+        "response/ended_frac": float(((batch["responses"] == eos_id) & mask).any(1).float().mean()),
+        "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags), "staleness/min": min(lags),
+        **out["metrics"],
+        "perf/tokens_per_s": int(batch["attention_mask"].sum()) / step_s, "perf/response_tokens": int(mask.sum()),
+        "time/step_s": step_s,
+    }
+    m.update({f"staleness/hist_{lag}": c for lag, c in sorted(Counter(lags).items())})
+    return m, lags, {**prov, "lag": lags, "reward": rewards.tolist()}
 
 
 def _score(actors, batch) -> dict:
@@ -168,11 +196,14 @@ def _sync_weights(cfg, actors) -> tuple:
     return time.perf_counter() - t0, got[0]["bytes"] / 2**20
 
 
-def _save(cfg, run_dir, actors, stream, done: int) -> None:
+def _save(cfg, run_dir, actors, state: dict, done: int, extra=None) -> None:
+    """Learner checkpoint + trainer_state.json (+ `extra` files written into the tag first); then `latest`."""
     import ray
 
     tag = ckpt.tag_for(done)
     ray.get(actors.learner.save.remote(ckpt.ckpt_root(run_dir), tag))
     version = ray.get(actors.learner.info.remote())["version"]
-    ckpt.write_trainer_state(run_dir, tag, {"step": done, "version": version, "data": stream.state_dict()})
+    if extra is not None:
+        extra(os.path.join(ckpt.ckpt_root(run_dir), tag))
+    ckpt.write_trainer_state(run_dir, tag, {"step": done, "version": version, "mode": cfg.trainer.mode, **state})
     ckpt.prune(run_dir, cfg.trainer.keep_checkpoints)

@@ -1,0 +1,383 @@
+"""`vespo train trainer.mode=async`: rollout and learner run at the same time. Reads top to bottom.
+
+Semantics (SPEC.md "Staleness"; veRL's fully-async meaning of the same keys, docs/async.md):
+  - the rollout workers generate prompt groups continuously, async.rollout_chunk groups per call; each
+    finished call is scored by a reward worker and its groups enter a FIFO buffer;
+  - the learner takes an optimizer step whenever it is idle and the buffer holds
+    require_batches x ppo_mini_batch_size groups (the oldest ones);
+  - after every async.trigger_parameter_sync_step optimizer steps the learner publishes its weights
+    (bucketed, Ray object store) and waits until they have landed on every rollout worker. Without
+    partial rollout the push waits for the generate calls in flight; with async.partial_rollout they pause
+    at their next token, load the weights and continue (every token keeps its version and log-prob);
+  - the window: S = trigger_parameter_sync_step x require_batches x ppo_mini_batch_size groups are trained
+    between two pushes; when a push lands the rollout side may start groups until
+    floor((1 + staleness_threshold) x S) groups are started-but-not-trained ("outstanding"). With
+    staleness_threshold = 0 and trigger 1 every sample is trained at lag 0 (= sync with N = 1).
+Fault tolerance: a rollout or reward worker that dies is replaced (same rank, current weights) and its
+prompt groups are re-issued under the same sample ids; a dead learner ends the run with a message
+(resume from the last checkpoint). Checkpoints hold the buffer and the groups in flight, so a resumed
+run trains every started group exactly once. One Ctrl-C checkpoints at the next step and stops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+
+import torch
+
+from .algorithm import group_advantages, merge_rollouts
+from .interrupt import Interrupted, TrainingAborted
+from .metrics_log import RunLog
+from .sync_loop import LEARNER_KEYS, _save, batch_metrics, start_run
+from .task import PromptStream, make_tokenizer, task_prompts
+
+BUFFER_FILE = "async_buffer.pt"
+GROUP_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
+              "prompt_id")
+
+
+def async_loop(cfg, run_dir, actors, progress, stop) -> None:
+    AsyncDriver(cfg, run_dir, actors, progress, stop).run()
+
+
+class AsyncDriver:
+    def __init__(self, cfg, run_dir, actors, progress, stop):
+        self.cfg, self.run_dir, self.actors, self.progress, self.stop = cfg, run_dir, actors, progress, stop
+        self.n, self.ac = cfg.rollout.n, cfg.async_
+        self.tok = make_tokenizer()
+        self.prompts = task_prompts(cfg.task)
+        self.stream = PromptStream(self.prompts, cfg.trainer.seed, cfg.data.shuffle)
+        self.next_group = 0        # groups taken from the stream so far (uids: group * n + j)
+        self.calls = 0             # generate calls so far (seeds the sampling)
+        self.calls_scored = 0
+        self.pending = deque()     # (prompt_id, uid_base) to (re)issue before new groups
+        self.buffer = deque()      # scored groups, oldest first
+        self.inflight = {}         # ObjectRef -> (kind, ...)
+        self.busy = [False] * len(actors.rollout)
+        self.outstanding = 0       # groups started and not yet trained (or dropped)
+        self.budget = 0            # groups the rollout side may still start in this window
+        self.learner_busy = False
+        self.steps_since_push = 0
+        self.push = None           # the weight push in progress: {"stage", "pub", "t0", "loads"}
+        self.applied = None        # the published weights the rollout workers run
+        self.stats = {"dropped": 0, "restarts": 0, "reward_restarts": 0}
+        self._reset_interval()
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray
+
+        cfg, tc = self.cfg, self.cfg.trainer
+        self.step, state, info = start_run(cfg, self.run_dir, self.actors, self.progress)
+        if state is not None:
+            self._restore(state)
+        self.progress.print(
+            f"run dir {self.run_dir}: {info['params']:,} params, async: {cfg.async_step_groups} groups x {self.n} "
+            f"responses per optimizer step, weights pushed every {self.ac.trigger_parameter_sync_step} steps, "
+            f"at most {cfg.async_window} groups outstanding, {cfg.rollout_chunk} groups per generate call, "
+            f"partial rollout {'on' if self.ac.partial_rollout else 'off'}; learner on {info['device']} "
+            f"(ZeRO-{info['zero_stage']}), loss kernels: {info['loss_kernels']}")
+        pub = ray.get(self.actors.learner.publish_weights.remote(cfg.weight_sync.bucket_mb))
+        ray.get([w.update_weights.remote(pub["refs"], pub["version"]) for w in self.actors.rollout])
+        self.applied, self.rollout_version = pub, pub["version"]
+        self.budget = max(0, cfg.async_window - self.outstanding)
+        self._write_pids()
+        self.log = RunLog(self.run_dir, self.step, tc.tensorboard, tc.provenance)
+        self.progress.start_at(self.step)
+        self._reset_interval()
+        try:
+            while self.step < tc.total_steps:
+                if self.stop.requested and not self.learner_busy:
+                    self._save()
+                    raise Interrupted(self.step, self.run_dir)
+                self._issue_rollouts()
+                self._maybe_load()
+                self._maybe_train()
+                if not self.inflight:
+                    raise TrainingAborted("async loop: nothing in flight and nothing to train (a bug; please "
+                                          f"report with the config): {self._describe()}")
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    self._handle(ref)
+        finally:
+            self.log.close()
+
+    # -- rollout side ----------------------------------------------------------------------------
+    def _issue_rollouts(self) -> None:
+        if self.stop.requested or (self.push is not None and not self.ac.partial_rollout):
+            return  # without partial rollout a push waits for the calls in flight: start none now
+        chunk = self.cfg.rollout_chunk
+        for w, worker in enumerate(self.actors.rollout):
+            if self.busy[w]:
+                continue
+            items = []
+            while self.pending and len(items) < chunk:
+                items.append(self.pending.popleft())
+            while len(items) < chunk and self.budget > 0:
+                p = self.stream.next_batch(1)[0]
+                items.append((p.prompt_id, self.next_group * self.n))
+                self.next_group += 1
+                self.budget -= 1
+                self.outstanding += 1
+            if not items:
+                return
+            ref = worker.generate.remote([self.prompts[pid] for pid, _ in items], self.calls, items[0][1],
+                                         group_uids=[u for _, u in items], interruptible=self.ac.partial_rollout)
+            self.calls += 1
+            self.busy[w] = True
+            self.inflight[ref] = ("gen", w, items)
+
+    def _on_generated(self, ref, w: int, items) -> None:
+        import ray
+
+        self.busy[w] = False
+        try:
+            part = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._restart_rollout(w, exc)
+            self.pending.extendleft(reversed(items))  # same prompts, same sample ids, first in line
+            return
+        self.iv["gen_s"] += part["stats"]["gen_s"]
+        self._score(self.calls_scored % len(self.actors.reward), items, part)  # round robin
+        self.calls_scored += 1
+
+    def _score(self, r: int, items, part) -> None:
+        ref = self.actors.reward[r].score.remote(part["prompts"], part["texts"], part["ground_truths"])
+        self.inflight[ref] = ("score", r, items, part)
+
+    def _on_scored(self, ref, r: int, items, part) -> None:
+        import ray
+
+        try:
+            scored = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self.progress.print(f"reward worker {r} died ({type(exc).__name__}); restarting it and re-scoring")
+            from .cluster import restart_reward
+
+            restart_reward(self.cfg, self.actors, r)
+            self.stats["reward_restarts"] += 1
+            self._score(r, items, part)
+            return
+        self.iv["timeouts"] += scored["timeouts"]
+        self.iv["errors"] += scored["errors"]
+        rewards = torch.tensor(scored["rewards"], dtype=torch.float32)
+        n = self.n
+        for i in range(len(items)):
+            rows = slice(i * n, (i + 1) * n)
+            g = {k: part[k][rows] for k in GROUP_KEYS}
+            g.update({k: part[k][rows] for k in ("texts", "prompts", "ground_truths")})
+            g.update(prompt_len=part["prompt_len"], rewards=rewards[rows])
+            self.buffer.append(g)
+
+    def _restart_rollout(self, w: int, exc) -> None:
+        """Replace dead worker w: its other calls are dropped (their groups re-issued), it gets the weights
+        the rollout side runs, and the weights of a push in progress."""
+        import ray
+
+        from .cluster import restart_rollout
+
+        self.progress.print(f"rollout worker {w} died ({type(exc).__name__}); restarting it and re-issuing its "
+                            "prompt groups")
+        for ref, (kind, *args) in list(self.inflight.items()):
+            if kind in ("gen", "load") and args[0] == w:
+                del self.inflight[ref]
+                if kind == "gen":
+                    self.pending.extendleft(reversed(args[1]))
+                else:
+                    self.push["loads"].pop(ref, None)
+        self.busy[w] = False
+        worker = restart_rollout(self.cfg, self.actors, w)
+        ray.get(worker.update_weights.remote(self.applied["refs"], self.applied["version"]))
+        self.stats["restarts"] += 1
+        self._write_pids()
+        if self.push is not None and self.push["stage"] == "load":
+            ref = worker.update_weights.remote(self.push["pub"]["refs"], self.push["pub"]["version"])
+            self.push["loads"][ref] = w
+            self.inflight[ref] = ("load", w)
+
+    # -- weight push -----------------------------------------------------------------------------
+    def _start_push(self) -> None:
+        ref = self.actors.learner.publish_weights.remote(self.cfg.weight_sync.bucket_mb)
+        self.push = {"stage": "publish", "t0": time.perf_counter(), "loads": {}}
+        self.inflight[ref] = ("publish",)
+
+    def _maybe_load(self) -> None:
+        p = self.push
+        if p is None or p["stage"] != "drain":
+            return
+        if not self.ac.partial_rollout and any(v[0] == "gen" for v in self.inflight.values()):
+            return
+        p["stage"] = "load"
+        for w, worker in enumerate(self.actors.rollout):
+            ref = worker.update_weights.remote(p["pub"]["refs"], p["pub"]["version"])
+            p["loads"][ref] = w
+            self.inflight[ref] = ("load", w)
+
+    def _on_loaded(self, ref, w: int) -> None:
+        import ray
+
+        p = self.push
+        p["loads"].pop(ref, None)
+        try:
+            got = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._restart_rollout(w, exc)  # the new worker is given these weights there
+            return
+        p["mb"] = got["bytes"] / 2**20
+        if not p["loads"]:
+            self.applied, self.rollout_version = p["pub"], p["pub"]["version"]
+            self.budget = max(0, self.cfg.async_window - self.outstanding)
+            self.iv["sync_s"] += time.perf_counter() - p["t0"]
+            self.iv["sync_mb"] = p["mb"]
+            self.iv["syncs"] += 1
+            self.push = None
+
+    # -- learner side ----------------------------------------------------------------------------
+    def _maybe_train(self) -> None:
+        if self.learner_busy or self.stop.requested or self.push is not None:
+            return
+        if self.ac.max_lag >= 0:
+            while self.buffer and self._lag(self.buffer[0]) > self.ac.max_lag:
+                self.buffer.popleft()
+                self.outstanding -= 1
+                self.stats["dropped"] += self.n
+        k = self.cfg.async_step_groups
+        if len(self.buffer) < k:
+            return
+        groups = [self.buffer.popleft() for _ in range(k)]
+        batch = merge_rollouts(groups, self.tok.pad_token_id)
+        rewards = torch.cat([g["rewards"] for g in groups])
+        batch["advantages"] = group_advantages(rewards, self.n, self.cfg.algorithm.adv_eps,
+                                               self.cfg.algorithm.norm_adv_by_std)
+        ref = self.actors.learner.train_batch.remote({key: batch[key] for key in LEARNER_KEYS})
+        self.inflight[ref] = ("train", batch, rewards, time.perf_counter())
+        self.learner_busy = True
+
+    def _lag(self, group) -> int:
+        """The lag this group would be trained at now (learner version - oldest version of its tokens)."""
+        v = group["token_version"].masked_fill(~group["response_mask"], 1 << 62).min()
+        return self.version - int(v)
+
+    @property
+    def version(self) -> int:
+        return self.rollout_version + self.steps_since_push
+
+    def _on_trained(self, ref, batch, rewards, t_issue) -> None:
+        import ray
+
+        try:
+            out = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            raise TrainingAborted(
+                f"the learner died ({type(exc).__name__}: {str(exc).splitlines()[0]}); its last checkpoint is "
+                f"in {self.run_dir}/checkpoints (with the buffered and in-flight samples): continue with "
+                f"trainer.resume=true trainer.output_dir={self.run_dir}") from None
+        self.learner_busy = False
+        self.outstanding -= rewards.numel() // self.n
+        step = self.step
+        self.step += 1
+        self._log(step, batch, rewards, out, time.perf_counter() - t_issue)
+        tc = self.cfg.trainer
+        if self.step == tc.total_steps or (tc.save_every and self.step % tc.save_every == 0):
+            self._save()
+        if self.step < tc.total_steps:
+            self.steps_since_push += 1
+            if self.steps_since_push == self.ac.trigger_parameter_sync_step:
+                self.steps_since_push = 0
+                self._start_push()
+
+    # -- events ----------------------------------------------------------------------------------
+    def _handle(self, ref) -> None:
+        import ray
+
+        kind, *args = self.inflight.pop(ref)
+        if kind == "gen":
+            self._on_generated(ref, *args)
+        elif kind == "score":
+            self._on_scored(ref, *args)
+        elif kind == "train":
+            self._on_trained(ref, *args)
+        elif kind == "publish":
+            try:
+                self.push["pub"] = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                raise TrainingAborted(f"the learner died while publishing weights ({type(exc).__name__}); "
+                                      f"continue with trainer.resume=true trainer.output_dir={self.run_dir}") from None
+            self.push["stage"] = "drain"
+        elif kind == "load":
+            self._on_loaded(ref, *args)
+
+    # -- metrics, checkpoints --------------------------------------------------------------------
+    def _reset_interval(self) -> None:
+        self.iv = {"t0": time.perf_counter(), "gen_s": 0.0, "timeouts": 0, "errors": 0, "sync_s": 0.0,
+                   "sync_mb": 0.0, "syncs": 0}
+
+    def _log(self, step, batch, rewards, out, learner_s) -> None:
+        interval = time.perf_counter() - self.iv["t0"]
+        m, lags, prov = batch_metrics(batch, rewards, out, self.tok.eos_token_id, interval)
+        workers = len(self.actors.rollout)
+        m.update({
+            "reward/timeouts": self.iv["timeouts"], "reward/errors": self.iv["errors"],
+            "async/buffer_groups": len(self.buffer), "async/outstanding_groups": self.outstanding,
+            "async/window_budget": self.budget, "async/rollout_version": self.rollout_version,
+            "async/dropped_samples": self.stats["dropped"], "async/rollout_restarts": self.stats["restarts"],
+            "async/reward_restarts": self.stats["reward_restarts"], "async/weight_syncs": self.iv["syncs"],
+            "perf/rollout_util": min(1.0, self.iv["gen_s"] / max(interval * workers, 1e-9)),
+            "perf/learner_util": min(1.0, out["metrics"].get("time/train_s", learner_s) / max(interval, 1e-9)),
+            "perf/weight_sync_mb": self.iv["sync_mb"],
+            "time/rollout_s": self.iv["gen_s"], "time/learner_s": learner_s, "time/weight_sync_s": self.iv["sync_s"],
+        })
+        self.log.log(step, m, lags, prov if self.cfg.trainer.provenance else None)
+        self.progress.update(step, m)
+        self._reset_interval()
+
+    def _outstanding_items(self) -> list:
+        """Groups started and not trained, not in the buffer: in generate/score calls, or waiting to be re-issued."""
+        items = list(self.pending)
+        for kind, *args in self.inflight.values():
+            if kind == "gen":
+                items += args[1]
+            elif kind == "score":
+                items += args[1]
+        return [list(x) for x in items]
+
+    def _save(self) -> None:
+        buffer = list(self.buffer)
+        items = self._outstanding_items()
+        state = {"data": self.stream.state_dict(),
+                 "async": {"next_group": self.next_group, "calls": self.calls, "in_flight": items,
+                           "buffer_groups": len(buffer), "buffer_uids": [int(g["uid"][0]) for g in buffer],
+                           **self.stats}}
+        _save(self.cfg, self.run_dir, self.actors, state, self.step,
+              extra=lambda path: torch.save(buffer, os.path.join(path, BUFFER_FILE)))
+
+    def _restore(self, state: dict) -> None:
+        from . import checkpoint as ckpt
+
+        self.stream.load_state_dict(state["data"])
+        a = state["async"]
+        self.next_group, self.calls = a["next_group"], a["calls"]
+        self.stats.update({k: a[k] for k in self.stats if k in a})
+        self.pending = deque(tuple(x) for x in a["in_flight"])
+        path = os.path.join(ckpt.ckpt_root(self.run_dir), ckpt.tag_for(state["step"]), BUFFER_FILE)
+        self.buffer = deque(torch.load(path, weights_only=False)) if a["buffer_groups"] else deque()
+        self.outstanding = len(self.pending) + len(self.buffer)
+        self.progress.print(f"async state restored: {len(self.buffer)} buffered groups, {len(self.pending)} groups "
+                            "to re-issue")
+
+    def _write_pids(self) -> None:
+        """run_dir/actors.json: the process id of every actor (for operators, and the fault tests)."""
+        import ray
+
+        pids = {"driver": os.getpid(),
+                "rollout": ray.get([w.status.remote() for w in self.actors.rollout]),
+                "learner": ray.get(self.actors.learner.info.remote()).get("pid")}
+        pids["rollout"] = [s["pid"] for s in pids["rollout"]]
+        with open(os.path.join(self.run_dir, "actors.json"), "w") as f:
+            json.dump(pids, f)
+
+    def _describe(self) -> str:
+        return (f"step {self.step}, buffer {len(self.buffer)}, outstanding {self.outstanding}, budget {self.budget}, "
+                f"push {self.push and self.push['stage']}, busy {self.busy}, pending {len(self.pending)}")

@@ -1,0 +1,50 @@
+"""Ctrl-C: the first one asks the driver loop to checkpoint and stop at its next safe point; a second
+one stops at once (KeyboardInterrupt: the actors are killed, nothing more is saved).
+
+    with GracefulInterrupt() as stop:
+        for step in ...:
+            ...
+            if stop.requested:
+                save(); raise Interrupted(step)
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+
+class Interrupted(Exception):
+    """The run stopped on Ctrl-C after saving a checkpoint at `step` (resume with trainer.resume=true)."""
+
+    def __init__(self, step: int, run_dir: str):
+        super().__init__(f"interrupted at step {step}; checkpoint saved in {run_dir}")
+        self.step, self.run_dir = step, run_dir
+
+
+class TrainingAborted(RuntimeError):
+    """A fatal failure with a message for the user (e.g. the learner died); resume may continue it."""
+
+
+class GracefulInterrupt:
+    def __init__(self, notify=None):
+        self.requested = False
+        self._notify = notify or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.requested = True
+        self._notify("Ctrl-C: saving a checkpoint at the next step boundary, then stopping "
+                     "(press Ctrl-C again to stop at once without saving)")
+
+    def __enter__(self) -> "GracefulInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
