@@ -114,3 +114,19 @@ def test_actor_resources_fit_or_fail_clearly(monkeypatch):
     assert one_gpu["learner"]["num_gpus"] + one_gpu["rollout"]["num_gpus"] == 1.0  # they share the GPU
     many = plan_resources(load_config(None, ["trainer.device=cuda"]), {"CPU": 8.0, "GPU": 8.0})
     assert many["learner"]["num_gpus"] == many["rollout"]["num_gpus"] == 1.0
+
+
+def test_pack_bucket_round_trip_mixed_dtypes():
+    """One flat buffer per bucket: every tensor comes back bit-exact with its dtype and shape."""
+    from vespo_trainer.weight_sync import pack_bucket, unpack_bucket
+
+    g = torch.Generator().manual_seed(0)
+    bucket = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+              "c": torch.arange(6, dtype=torch.int64).reshape(2, 3), "d": torch.empty(0, 4),
+              "e": torch.randn(4, 4, generator=g).t()}  # non-contiguous
+    packed = pack_bucket(bucket)
+    assert packed["data"].nbytes == sum(t.numel() * t.element_size() for t in bucket.values())
+    back = dict(unpack_bucket(packed))
+    assert list(back) == list(bucket)
+    for k, t in bucket.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
