@@ -63,7 +63,7 @@ def pack_bucket(bucket: Dict[str, torch.Tensor]) -> dict:
     for name, t in bucket.items():
         nbytes = t.numel() * t.element_size()
         meta.append((name, str(t.dtype).replace("torch.", ""), tuple(t.shape), offset, nbytes))
-        offset += nbytes
+        offset += -(-nbytes // 64) * 64  # 64-byte aligned: every dtype can be viewed in place
     flat = torch.empty(offset, dtype=torch.uint8)
     for (_, _, _, off, nbytes), t in zip(meta, bucket.values()):
         if nbytes:
