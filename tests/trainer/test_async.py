@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from trainer_test_utils import ROOT, TINY, assert_finite_record, load_tiny
