@@ -32,3 +32,34 @@ def build_model(mcfg, tokenizer, seed: int, dtype: str = "fp32", max_positions: 
 
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_model_dir(path: str) -> None:
+    """A local Hugging Face model directory: exists and has config.json (ValueError naming model.path)."""
+    import os
+
+    if not os.path.isdir(path):
+        raise ValueError(f"model.path: no such directory: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model.path: {path} has no config.json (a Hugging Face model directory holds "
+                         f"config.json, *.safetensors and tokenizer files); found {sorted(os.listdir(path))[:10]}")
+
+
+def load_policy(cfg, tokenizer, dtype: str = "fp32"):
+    """The policy of a run: `model.path` loaded with transformers (local files only, never a download),
+    or the tiny built-in model of `cfg.model` (seeded by trainer.seed)."""
+    from .task import max_positions
+
+    path = cfg.model.path
+    if not path:
+        return build_model(cfg.model, tokenizer, seed=cfg.trainer.seed, dtype=dtype, max_positions=max_positions(cfg))
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
+                                                     attn_implementation="sdpa")
+    except Exception as exc:  # noqa: BLE001 - name the key and the path whatever went wrong
+        raise ValueError(f"model.path: cannot load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

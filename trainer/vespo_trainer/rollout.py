@@ -13,9 +13,9 @@ from typing import List
 
 import torch
 
-from .model import build_model
+from .model import load_policy
 from .runtime import quiet_libraries, set_threads, stable_seed
-from .task import Prompt, make_tokenizer, max_positions
+from .task import Prompt, make_tokenizer
 
 
 class RolloutWorker:
@@ -24,9 +24,8 @@ class RolloutWorker:
         self.cfg, self.rank = cfg, rank
         self.threads = set_threads(cfg.trainer.num_threads)
         self.device = torch.device("cuda" if _want_cuda(cfg) else "cpu")
-        self.tok = make_tokenizer()
-        self.model = build_model(cfg.model, self.tok, seed=cfg.trainer.seed, dtype=cfg.rollout.dtype,
-                                 max_positions=max_positions(cfg)).to(self.device).eval()
+        self.tok = make_tokenizer(cfg)
+        self.model = load_policy(cfg, self.tok, dtype=cfg.rollout.dtype).to(self.device).eval()
         self.version = -1  # no weights from the learner yet
 
     def update_weights(self, refs: List, version: int) -> dict:
@@ -47,12 +46,13 @@ class RolloutWorker:
             raise RuntimeError("rollout worker has no weights yet (update_weights was never called)")
         rc, n = self.cfg.rollout, self.cfg.rollout.n
         t0 = time.perf_counter()
-        prompt_ids, prompt_mask = self.tok.pad_left([self.tok.encode(p.text) for p in prompts])
+        prompt_ids, prompt_mask = self.tok.pad_left([self.tok.encode_prompt(p.model_input) for p in prompts])
         prompt_ids = prompt_ids.repeat_interleave(n, 0).to(self.device)
         prompt_mask = prompt_mask.repeat_interleave(n, 0).to(self.device)
         gen_cfg = GenerationConfig(
             do_sample=True, temperature=rc.temperature, top_p=rc.top_p, top_k=0, max_new_tokens=rc.max_new_tokens,
-            pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, bos_token_id=self.tok.bos_token_id,
+            pad_token_id=self.tok.pad_token_id, eos_token_id=list(self.tok.eos_token_ids),
+            bos_token_id=self.tok.bos_token_id,
             output_logits=True, return_dict_in_generate=True)
         seed = stable_seed(self.cfg.trainer.seed, "rollout", step, self.rank)
         devices = [self.device] if self.device.type == "cuda" else []
@@ -65,7 +65,7 @@ class RolloutWorker:
         # Raw logits of each sampling step (before temperature / top-p processors), fp32.
         logits = torch.stack(out.logits, 1).float()
         old_logp = vespo_ext.token_logprobs(logits, responses, temperature=rc.temperature)
-        is_eos = responses == self.tok.eos_token_id
+        is_eos = torch.isin(responses, torch.tensor(self.tok.eos_token_ids, device=responses.device))
         ended = is_eos.any(1)
         length = torch.where(ended, is_eos.int().argmax(1) + 1, torch.full_like(ended, L, dtype=torch.long))
         mask = (torch.arange(L, device=responses.device)[None, :] < length[:, None])

@@ -22,9 +22,9 @@ import torch
 from . import checkpoint as ckpt
 from .algorithm import group_advantages, merge_rollouts, split_groups
 from .cluster import ray_session, start_actors, stop_actors
-from .config import Config, to_yaml
+from .config import Config, ConfigError, to_yaml
 from .metrics_log import Progress, RunLog
-from .task import PromptStream, make_tokenizer, task_prompts, warmup_texts
+from .task import PromptStream, load_prompts, make_tokenizer, task_prompts, warmup_texts
 
 LEARNER_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
                 "prompt_id", "advantages")
@@ -48,22 +48,27 @@ def train(cfg: Config) -> str:
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     progress = Progress(cfg.trainer.progress, cfg.trainer.total_steps, 0, cfg.trainer.log_every)
+    try:  # the tokenizer and the prompts load here, so a bad model.path or data file fails before any actor starts
+        tok = make_tokenizer(cfg)
+        prompts = load_prompts(cfg, tok, log=progress.print)
+    except ValueError as exc:
+        progress.close()
+        raise ConfigError(str(exc)) from None
     with ray_session(cfg):
         actors = start_actors(cfg)
         try:
-            _loop(cfg, run_dir, actors, progress)
+            _loop(cfg, run_dir, actors, progress, tok, prompts)
         finally:
             progress.close()
             stop_actors(actors)
     return run_dir
 
 
-def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
+def _loop(cfg: Config, run_dir: str, actors, progress: Progress, tok, all_prompts) -> None:
     import ray
 
     tc, n, tb = cfg.trainer, cfg.rollout.n, cfg.data.train_batch_size
-    tok = make_tokenizer()
-    stream = PromptStream(task_prompts(cfg.task), tc.seed, cfg.data.shuffle)
+    stream = PromptStream(all_prompts, tc.seed, cfg.data.shuffle)
     learner_info = ray.get(actors.learner.info.remote())
     start_step, tag = 0, ckpt.latest(run_dir) if tc.resume else None
     if tag is not None:
@@ -75,7 +80,7 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
     else:
         if tc.resume:
             progress.print(f"trainer.resume=true but {run_dir} has no checkpoint yet: starting from step 0")
-        if cfg.task.warmup_steps:
+        if cfg.task.warmup_steps and cfg.task.name == "arith":
             rng = random.Random(f"{tc.seed}/warmup")
             pairs = [warmup_texts(task_prompts(cfg.task), cfg.task.warmup_batch_size, rng)
                      for _ in range(cfg.task.warmup_steps)]
@@ -103,7 +108,7 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
             batch = merge_rollouts(parts, tok.pad_token_id)
             t_roll = time.perf_counter()
             # 2. rewards
-            scored = _score(actors, batch)
+            scored = _score(actors, batch, prompts, n)
             rewards = torch.tensor(scored["rewards"], dtype=torch.float32)
             if (scored["errors"] or scored["timeouts"]) and not warned_reward:
                 warned_reward = True  # once per run; metrics.jsonl counts them every step
@@ -128,7 +133,8 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
                 "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
                 "reward/timeouts": scored["timeouts"], "reward/errors": scored["errors"],
                 "response/length_mean": float(mask.sum(1).float().mean()),
-                "response/ended_frac": float(((batch["responses"] == tok.eos_token_id) & mask).any(1).float().mean()),
+                "response/ended_frac": float((torch.isin(batch["responses"], torch.tensor(tok.eos_token_ids))
+                                              & mask).any(1).float().mean()),
                 "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags), "staleness/min": min(lags),
                 **out["metrics"],
                 "perf/tokens_per_s": n_tokens / step_s, "perf/response_tokens": int(mask.sum()),
@@ -147,13 +153,16 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress) -> None:
         log.close()
 
 
-def _score(actors, batch) -> dict:
-    """Split the responses between the reward workers; gather the rewards in order."""
+def _score(actors, batch, prompts, n: int) -> dict:
+    """Split the responses between the reward workers; gather the rewards in order (rows: n per prompt, in order)."""
     import ray
 
+    sources = [p.data_source for p in prompts for _ in range(n)]
+    extras = [p.extra_info for p in prompts for _ in range(n)]
     shares = split_groups(len(batch["texts"]), len(actors.reward))
     outs = ray.get([w.score.remote([batch["prompts"][i] for i in r], [batch["texts"][i] for i in r],
-                                   [batch["ground_truths"][i] for i in r]) for w, r in zip(actors.reward, shares)])
+                                   [batch["ground_truths"][i] for i in r], [sources[i] for i in r],
+                                   [extras[i] for i in r]) for w, r in zip(actors.reward, shares)])
     return {"rewards": [x for o in outs for x in o["rewards"]], "timeouts": sum(o["timeouts"] for o in outs),
             "errors": sum(o["errors"] for o in outs), "error_examples": [e for o in outs for e in o["error_examples"]]}
 
