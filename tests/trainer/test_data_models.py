@@ -255,3 +255,13 @@ def test_last_boxed_and_unparsable_truth():
     assert last_boxed("\\boxed{open") is None and last_boxed("none") is None
     with pytest.raises(ValueError, match="cannot parse the ground truth"):
         compute_score("math", "\\boxed{1}", "}{")
+
+
+def test_unimportable_reward_function_fails_before_any_actor(tmp_path):
+    from vespo_trainer.sync_loop import train
+
+    cfg = load_config(TINY, ["reward.function=no_such_pkg.rewards:score", "trainer.progress=none",
+                             f"trainer.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="reward.function: 'no_such_pkg.rewards:score' cannot be imported"):
+        train(cfg)
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")

@@ -45,9 +45,9 @@ def resolve_fn(spec: str) -> Callable:
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward function {spec!r} cannot be imported: {exc}") from None
+            raise ValueError(f"reward.function: {spec!r} cannot be imported: {exc}") from None
         if not callable(fn):
-            raise ValueError(f"reward function {spec!r} is not callable")
+            raise ValueError(f"reward.function: {spec!r} is not callable")
         _FN_CACHE[spec] = fn
     return fn
 

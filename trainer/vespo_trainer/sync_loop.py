@@ -24,6 +24,7 @@ from .algorithm import group_advantages, merge_rollouts, split_groups
 from .cluster import ray_session, start_actors, stop_actors
 from .config import Config, ConfigError, to_yaml
 from .metrics_log import Progress, RunLog
+from .reward import resolve_fn, reward_spec
 from .task import PromptStream, load_prompts, make_tokenizer, task_prompts, warmup_texts
 
 LEARNER_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
@@ -51,6 +52,7 @@ def train(cfg: Config) -> str:
     try:  # the tokenizer and the prompts load here, so a bad model.path or data file fails before any actor starts
         tok = make_tokenizer(cfg)
         prompts = load_prompts(cfg, tok, log=progress.print)
+        resolve_fn(reward_spec(cfg))  # importable here (the reward workers import it again)
     except ValueError as exc:
         progress.close()
         raise ConfigError(str(exc)) from None
