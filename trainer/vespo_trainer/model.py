@@ -55,10 +55,14 @@ def load_policy(cfg, tokenizer, dtype: str = "fp32"):
         return build_model(cfg.model, tokenizer, seed=cfg.trainer.seed, dtype=dtype, max_positions=max_positions(cfg))
     from transformers import AutoModelForCausalLM
 
+    import transformers
+
     check_model_dir(path)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
-                                                     attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
+                                                     **{dtype_kw: DTYPES[dtype]})
     except Exception as exc:  # noqa: BLE001 - name the key and the path whatever went wrong
         raise ValueError(f"model.path: cannot load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
