@@ -265,3 +265,14 @@ def test_unimportable_reward_function_fails_before_any_actor(tmp_path):
     with pytest.raises(ConfigError, match="reward.function: 'no_such_pkg.rewards:score' cannot be imported"):
         train(cfg)
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_dry_run_of_a_dataset_run(tmp_path, capsys):
+    path, _, _ = tiny_hf_dir(tmp_path / "m")
+    assert cli.main(["train", "--dry-run", f"data.train_files=[{SAMPLE}]", f"model.path={path}",
+                     "data.max_prompt_length=130"]) == 0
+    out = capsys.readouterr().out
+    n = len(load_prompts(load_config(None, [f"data.train_files=[{SAMPLE}]", f"model.path={path}",
+                                            "data.max_prompt_length=130"]), HFTokenizer(path), log=lambda s: None))
+    assert f"task dataset ({n} prompts of 1 file(s)), reward math" in out and 0 < n < 300
+    assert f"model         {path} (transformers, local files)" in out

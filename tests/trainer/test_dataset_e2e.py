@@ -92,7 +92,8 @@ def test_math_sample_with_the_builtin_model_then_export(tmp_path, ray_cluster):
     from vespo_trainer.sync_loop import train
     from vespo_trainer.task import load_prompts, make_tokenizer
 
-    cfg = load_tiny(tmp_path / "run", *DATASET, "rollout.n=4", "reward.function=reward_doubles:has_digit")
+    cfg = load_tiny(tmp_path / "run", *DATASET, "rollout.n=4", "reward.function=reward_doubles:has_digit",
+                    "actor.zero_stage=3")  # export gathers the ZeRO-3 shards (the other test: ZeRO-1)
     run = train(cfg)
     recs = _records(run)
     assert len(recs) == 2 and all(r["reward/errors"] == 0 for r in recs)
