@@ -19,7 +19,7 @@ from trainer_test_utils import ROOT, TINY  # noqa: E402
 from vespo_trainer import cli  # noqa: E402
 from vespo_trainer.config import ConfigError, load_config  # noqa: E402
 from vespo_trainer.data import DataError, load_dataset_prompts, prepare, read_rows, write_parquet  # noqa: E402
-from vespo_trainer.hf_export import save_hf_dir  # noqa: E402
+from vespo_trainer.hf_export import make_tiny_hf_dir  # noqa: E402
 from vespo_trainer.math_reward import compute_score, last_boxed  # noqa: E402
 from vespo_trainer.model import build_model, load_policy  # noqa: E402
 from vespo_trainer.task import load_prompts, make_tokenizer  # noqa: E402
@@ -30,11 +30,13 @@ MSGS = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What's 1/2 + \\frac{3}{4}?\n  Two  spaces {x}"}]
 
 
-def tiny_hf_dir(path, alphabet=PRINTABLE, unk=True, arch="qwen2", seed=0):
-    cfg = load_config(TINY, [f"model.arch={arch}"])
-    tok = CharTokenizer(alphabet, unk=unk)
-    model = build_model(cfg.model, tok, seed=seed, max_positions=320)
-    return str(save_hf_dir(model, tok, str(path))), model, tok
+def tiny_hf_dir(path, alphabet=None, arch="qwen2", seed=0):
+    """(path, the model, its CharTokenizer): hf_export.make_tiny_hf_dir with the sizes of tiny.yaml."""
+    sizes = {k: v for k, v in vars(load_config(TINY).model).items() if k not in ("path", "arch")}
+    make_tiny_hf_dir(str(path), arch=arch, seed=seed, max_positions=320, alphabet=alphabet, **sizes)
+    tok = CharTokenizer(PRINTABLE, unk=True) if alphabet is None else CharTokenizer(alphabet)
+    model = build_model(load_config(TINY, [f"model.arch={arch}"]).model, tok, seed=seed, max_positions=320)
+    return str(path), model, tok
 
 
 # -- models and tokenizers ------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ def test_hf_dir_round_trip_tokenizer_and_logits(tmp_path, arch):
 def test_arith_tokenizer_exports_too(tmp_path):
     from transformers import AutoTokenizer
 
-    path, _, tok = tiny_hf_dir(tmp_path / "a", alphabet="0123456789+=", unk=False)
+    path, _, tok = tiny_hf_dir(tmp_path / "a", alphabet="0123456789+=")
     hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     assert hf_tok("3+4=")["input_ids"] == tok.encode("3+4=") and len(hf_tok) == tok.vocab_size
 

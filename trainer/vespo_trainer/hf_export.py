@@ -1,6 +1,7 @@
 """Hugging Face directories: a model + tokenizer saved so that transformers (and vLLM) load them.
 
     save_hf_dir(model, tokenizer, path)          config.json + model.safetensors + tokenizer files
+    make_tiny_hf_dir(path)                       a tiny random Qwen2/Llama + character tokenizer, for tests
     export_checkpoint(run_dir, out, tag=None)    `vespo export`: a run's checkpoint as such a directory
 
 The built-in CharTokenizer becomes a real fast tokenizer built with the `tokenizers` library: a
@@ -84,6 +85,20 @@ def save_hf_dir(model, tokenizer, path: str) -> str:
     model.save_pretrained(path, safe_serialization=True)
     hf_tok.save_pretrained(path)
     return path
+
+
+def make_tiny_hf_dir(path: str, *, arch: str = "qwen2", seed: int = 0, max_positions: int = 512,
+                     alphabet: Optional[str] = None, **model_keys) -> str:
+    """A tiny random causal LM (config.ModelConfig defaults, overridable: hidden_size=32, ...) with the
+    printable-ASCII character tokenizer (and its chat template) saved as a Hugging Face directory: a
+    `model.path` for tests, with no download. Returns the path."""
+    from .config import ModelConfig
+    from .model import build_model
+    from .tokenizer import PRINTABLE
+
+    tok = CharTokenizer(PRINTABLE, unk=True) if alphabet is None else CharTokenizer(alphabet)
+    model = build_model(ModelConfig(arch=arch, **model_keys), tok, seed=seed, max_positions=max_positions)
+    return save_hf_dir(model, tok, path)
 
 
 def _checkpoint_state_dict(ckpt_dir: str, tag: str, zero_stage: int) -> dict:
