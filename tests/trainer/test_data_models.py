@@ -20,7 +20,8 @@ from vespo_trainer import cli  # noqa: E402
 from vespo_trainer.config import ConfigError, load_config  # noqa: E402
 from vespo_trainer.data import DataError, load_dataset_prompts, prepare, read_rows, write_parquet  # noqa: E402
 from vespo_trainer.hf_export import make_tiny_hf_dir  # noqa: E402
-from vespo_trainer.math_reward import compute_score, last_boxed  # noqa: E402
+from vespo_trainer.data import last_boxed  # noqa: E402
+from vespo_trainer.math_reward import compute_score  # noqa: E402
 from vespo_trainer.model import build_model, load_policy  # noqa: E402
 from vespo_trainer.task import load_prompts, make_tokenizer  # noqa: E402
 from vespo_trainer.tokenizer import PRINTABLE, CharTokenizer, HFTokenizer  # noqa: E402

@@ -110,7 +110,7 @@ def test_builtin_math_through_the_pool(pools):
 
 def test_math_reward_keeps_the_pool_timer(pools):
     """math-verify's own signal.alarm timeouts are off, so a slow call after it still times out."""
-    pool = pools("reward_doubles:math_then_hang", num_procs=1, timeout_s=1.0)
+    pool = pools("reward_doubles:math_then_hang", num_procs=1, timeout_s=2.0)
     t0 = time.perf_counter()
     out = pool.score(["q"] * 3, ["\\boxed{2}", "\\boxed{2} hang", "\\boxed{3}"], ["2", "2", "2"])
     assert out["rewards"] == [1.0, 0.0, 0.0] and out["timeouts"] == 1 and out["errors"] == 0

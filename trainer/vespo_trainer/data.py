@@ -19,7 +19,6 @@ import json
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .math_reward import last_boxed
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 QUESTION_KEYS = ("problem", "question")
@@ -102,6 +101,20 @@ def normalise_verl_row(row: dict, index: int, where: str, prompt_key: str = "pro
             "reward_model": {"style": str(rm.get("style") or "rule"),
                              "ground_truth": _ground_truth(rm["ground_truth"], where)},
             "extra_info": extra}
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
 
 
 def qa_to_verl_row(row: dict, index: int, instruction: str, data_source: str, where: str) -> Optional[dict]:

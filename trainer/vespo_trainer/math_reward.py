@@ -16,37 +16,25 @@ from __future__ import annotations
 
 import logging
 
-_quiet = False
+# Imported with the module, so the reward pool's processes load math-verify and sympy (1-2 s) when they
+# start, outside the per-call time limit.
+from math_verify import parse, verify
+
+from .data import last_boxed
+
+for _name in ("math_verify", "math_verify.parser", "math_verify.grader"):  # "Timeout is disabled" warnings:
+    logging.getLogger(_name).setLevel(logging.ERROR)                      # the pool's timer does the timing out
 
 
 def _parse(text: str):
-    global _quiet
-    from math_verify import parse
-
-    if not _quiet:  # "Timeout is disabled" warnings: the reward pool's timer does the timing out
-        for name in ("math_verify", "math_verify.parser", "math_verify.grader"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        _quiet = True
     return parse(text, parsing_timeout=None)
 
 
-def last_boxed(text: str):
-    """Content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced; None if there is none."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j]
-    return None
+# The first parse builds math-verify's LaTeX parser: do it now, not inside a timed call.
+verify(_parse("\\boxed{\\frac{1}{2}}"), _parse("0.5"), timeout_seconds=None)
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float:
-    from math_verify import verify
-
     if not isinstance(solution_str, str) or not solution_str.strip():
         return 0.0
     truth = str(ground_truth).strip()

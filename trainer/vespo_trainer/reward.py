@@ -80,6 +80,14 @@ def _as_score(value) -> float:
     return value
 
 
+def _warm(spec: str) -> None:
+    """Pool-process initializer: import the function (and what its module imports) before the first timed call."""
+    try:
+        resolve_fn(spec)
+    except Exception:  # noqa: BLE001 - the first call reports it, scored as an error
+        pass
+
+
 def _on_alarm(signum, frame):
     raise _CallTimeout()
 
@@ -115,7 +123,7 @@ class RewardPool:
 
     def _get_pool(self):
         if self._pool is None:
-            self._pool = mp.get_context("spawn").Pool(self.num_procs)
+            self._pool = mp.get_context("spawn").Pool(self.num_procs, initializer=_warm, initargs=(self.fn_spec,))
         return self._pool
 
     def _kill_pool(self):
