@@ -72,6 +72,22 @@ def test_hf_dir_round_trip_tokenizer_and_logits(tmp_path, arch):
     assert torch.equal(g1, g2)
 
 
+def test_model_dir_sampling_defaults_do_not_leak_into_the_rollout(tmp_path):
+    path, _, _ = tiny_hf_dir(tmp_path / "m")
+    with open(os.path.join(path, "generation_config.json")) as f:
+        gc = json.load(f)
+    gc.update(top_p=0.5, top_k=3, repetition_penalty=1.5, eos_token_id=[1, 7])
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gc, f)
+    h = HFTokenizer(path)
+    assert h.eos_token_ids == (1, 7)  # a chat model's end-of-turn token ends responses too
+    model = load_policy(load_config(None, [f"model.path={path}"]), h, dtype="bf16")
+    g = model.generation_config
+    assert g.top_p in (None, 1.0) and g.repetition_penalty in (None, 1.0) and g.top_k in (None, 50)  # unset
+    assert g.eos_token_id == [1, 7]
+    assert model.dtype == torch.bfloat16
+
+
 def test_arith_tokenizer_exports_too(tmp_path):
     from transformers import AutoTokenizer
 

@@ -65,5 +65,10 @@ def load_policy(cfg, tokenizer, dtype: str = "fp32"):
                                                      **{dtype_kw: DTYPES[dtype]})
     except Exception as exc:  # noqa: BLE001 - name the key and the path whatever went wrong
         raise ValueError(f"model.path: cannot load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Sampling defaults of the directory (top_p, top_k, repetition_penalty, ...) must not leak into the rollout:
+    # the behaviour log-probs are those of plain temperature sampling from the raw logits.
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=list(tokenizer.eos_token_ids))
     return model
