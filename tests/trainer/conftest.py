@@ -23,9 +23,11 @@ from trainer_test_utils import TRAINER_SRC  # noqa: E402
 # Prefer the working tree over an installed copy: a source checkout tests its own trainer.
 if TRAINER_SRC not in sys.path:
     sys.path.insert(0, TRAINER_SRC)
-_pp = os.environ.get("PYTHONPATH", "")
-if TRAINER_SRC not in _pp.split(os.pathsep):  # Ray workers and subprocesses import the same code
-    os.environ["PYTHONPATH"] = TRAINER_SRC + (os.pathsep + _pp if _pp else "")
+# Ray workers and subprocesses import the same code, and the test doubles (reward_doubles) by name.
+for _path in (os.path.dirname(os.path.abspath(__file__)), TRAINER_SRC):
+    _pp = os.environ.get("PYTHONPATH", "")
+    if _path not in _pp.split(os.pathsep):
+        os.environ["PYTHONPATH"] = _path + (os.pathsep + _pp if _pp else "")
 
 
 @pytest.fixture(scope="session")

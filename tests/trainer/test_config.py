@@ -55,7 +55,7 @@ def test_overrides_and_types():
     (["actor.micro_batch_size=7"], "actor.micro_batch_size", "must divide"),
     (["rollout.dtype=int8"], "rollout.dtype", "fp32, bf16, fp16"),
     (["rollout.temperature=0"], "rollout.temperature", "> 0"),
-    (["reward.fn=not_a_spec"], "reward.fn", "package.module:function"),
+    (["reward.function=not_a_spec"], "reward.function", "package.module:function"),
     (["reward.timeout_s=0"], "reward.timeout_s", "> 0"),
     (["trainer.resume=true"], "trainer.resume", "needs trainer.output_dir"),
     (["model.hidden_size=30", "model.num_heads=4"], "model.hidden_size", "multiple of model.num_heads"),

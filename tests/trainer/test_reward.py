@@ -89,3 +89,39 @@ def test_model_output_is_never_executed(tmp_path, ray_cluster):
     assert out["errors"] == 0 and out["timeouts"] == 0
     time.sleep(0.2)
     assert not marker.exists() and not os.path.exists(str(marker))
+
+
+def test_verl_signature_by_keyword_and_dict_scores(pools):
+    pool = pools("reward_doubles:verl_style", num_procs=1, timeout_s=2.0)
+    out = pool.score(["the prompt"] * 3, ["a", "a", "b"], ["a", "a", "a"], data_sources=["src", "other", "src"],
+                     extra_infos=[{"index": 7}, {"index": 7}, {"index": 7}])
+    assert out["rewards"] == [1.0, 0.5, 0.5] and out["errors"] == 0
+    pool = pools("reward_doubles:verl_kwargs", num_procs=1, timeout_s=2.0)
+    assert pool.score(["p", "p"], ["x", "y"], ["x", "x"])["rewards"] == [1.0, 0.0]
+
+
+def test_builtin_math_through_the_pool(pools):
+    pool = pools("math", num_procs=2, timeout_s=5.0)
+    out = pool.score(["q"] * 5, ["\\boxed{0.5}", "\\boxed{3}", "72", "no idea", "\\boxed{1}"],
+                     ["\\frac{1}{2}", "4", "72", "1", "}{"], data_sources=["m"] * 5)
+    assert out["rewards"] == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert out["errors"] == 1 and any("ground truth" in e for e in out["error_examples"])
+
+
+def test_math_reward_keeps_the_pool_timer(pools):
+    """math-verify's own signal.alarm timeouts are off, so a slow call after it still times out."""
+    pool = pools("reward_doubles:math_then_hang", num_procs=1, timeout_s=2.0)
+    t0 = time.perf_counter()
+    out = pool.score(["q"] * 3, ["\\boxed{2}", "\\boxed{2} hang", "\\boxed{3}"], ["2", "2", "2"])
+    assert out["rewards"] == [1.0, 0.0, 0.0] and out["timeouts"] == 1 and out["errors"] == 0
+    assert pool.restarts == 0 and time.perf_counter() - t0 < 15  # the per-call timer, not the backstop
+
+
+def test_builtin_reward_names_resolve():
+    from vespo_trainer.config import load_config
+    from vespo_trainer.reward import resolve_fn, reward_spec
+    from vespo_trainer.math_reward import compute_score
+
+    assert resolve_fn("arith") is arith_reward and resolve_fn("math") is compute_score
+    assert reward_spec(load_config()) == "arith"
+    assert reward_spec(load_config(None, ["reward.function=pkg.mod:f"])) == "pkg.mod:f"

@@ -31,23 +31,23 @@ from .algorithm import group_advantages, merge_rollouts
 from .interrupt import Interrupted, TrainingAborted
 from .metrics_log import RunLog
 from .sync_loop import LEARNER_KEYS, _save, batch_metrics, start_run
-from .task import PromptStream, make_tokenizer, task_prompts
+from .task import PromptStream
 
 BUFFER_FILE = "async_buffer.pt"
 GROUP_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
               "prompt_id")
 
 
-def async_loop(cfg, run_dir, actors, progress, stop) -> None:
-    AsyncDriver(cfg, run_dir, actors, progress, stop).run()
+def async_loop(cfg, run_dir, actors, progress, stop, tok, prompts) -> None:
+    AsyncDriver(cfg, run_dir, actors, progress, stop, tok, prompts).run()
 
 
 class AsyncDriver:
-    def __init__(self, cfg, run_dir, actors, progress, stop):
+    def __init__(self, cfg, run_dir, actors, progress, stop, tok, prompts):
         self.cfg, self.run_dir, self.actors, self.progress, self.stop = cfg, run_dir, actors, progress, stop
         self.n, self.ac = cfg.rollout.n, cfg.async_
-        self.tok = make_tokenizer()
-        self.prompts = task_prompts(cfg.task)
+        self.tok = tok
+        self.prompts = prompts  # indexed by prompt_id
         self.stream = PromptStream(self.prompts, cfg.trainer.seed, cfg.data.shuffle)
         self.next_group = 0        # groups taken from the stream so far (uids: group * n + j)
         self.calls = 0             # generate calls so far (seeds the sampling)
@@ -144,7 +144,10 @@ class AsyncDriver:
         self.calls_scored += 1
 
     def _score(self, r: int, items, part) -> None:
-        ref = self.actors.reward[r].score.remote(part["prompts"], part["texts"], part["ground_truths"])
+        n, prompts = self.n, [self.prompts[pid] for pid, _ in items]
+        ref = self.actors.reward[r].score.remote(part["prompts"], part["texts"], part["ground_truths"],
+                                                 [p.data_source for p in prompts for _ in range(n)],
+                                                 [p.extra_info for p in prompts for _ in range(n)])
         self.inflight[ref] = ("score", r, items, part)
 
     def _on_scored(self, ref, r: int, items, part) -> None:
@@ -316,7 +319,7 @@ class AsyncDriver:
 
     def _log(self, step, batch, rewards, out, learner_s) -> None:
         interval = time.perf_counter() - self.iv["t0"]
-        m, lags, prov = batch_metrics(batch, rewards, out, self.tok.eos_token_id, interval)
+        m, lags, prov = batch_metrics(batch, rewards, out, self.tok.eos_token_ids, interval)
         workers = len(self.actors.rollout)
         m.update({
             "reward/timeouts": self.iv["timeouts"], "reward/errors": self.iv["errors"],

@@ -4,6 +4,8 @@
     vespo train --dry-run [...]                           validate and print the plan; start nothing
     vespo train --print-config [...]                      the resolved config with every key's help
     vespo plot RUN_DIR                                    PNG curves into RUN_DIR/plots/
+    vespo export RUN_DIR --out DIR [--tag step_000100]    a checkpoint as a Hugging Face model directory
+    vespo data prepare --input X --output Y.parquet       a dataset in veRL's schema (see data.py)
 """
 from __future__ import annotations
 
@@ -12,13 +14,17 @@ import sys
 import textwrap
 from typing import List, Optional
 
-DEPS = {"train": ("omegaconf", "ray", "deepspeed", "transformers", "rich"), "plot": ("matplotlib",)}
+DEPS = {"train": ("omegaconf", "ray", "deepspeed", "transformers", "rich"), "plot": ("matplotlib",),
+        "export": ("omegaconf", "deepspeed", "transformers", "tokenizers"), "data": ("pyarrow",)}
 
 
 def plan_text(cfg) -> str:
-    """What a run with this config will do (the --dry-run output)."""
+    """What a run with this config will do (the --dry-run output). Loads the tokenizer and the prompts
+    (so a bad model.path or data file shows here); raises ValueError if they cannot be loaded."""
     from .cluster import ray_address
-    from .task import task_prompts
+    from .task import load_prompts, make_tokenizer
+
+    n_prompts = len(load_prompts(cfg, make_tokenizer(cfg), log=lambda s: None))
 
     tb, mb, n, N = cfg.data.train_batch_size, cfg.actor.ppo_mini_batch_size, cfg.rollout.n, cfg.staleness
     micro = cfg.actor.micro_batch_size or mb * n
@@ -52,12 +58,14 @@ def plan_text(cfg) -> str:
         f"  samples       {tb} prompts x {n} responses = {tb * n} per step; {mb} prompts = {mb * n} responses per "
         f"mini-batch; micro-batch {micro} (gradient accumulation {mb * n // micro})",
         f"  run           {cfg.trainer.total_steps} steps = {cfg.trainer.total_steps * N} optimizer steps, "
-        f"{cfg.trainer.total_steps * tb * n:,} samples; task {cfg.task.name} "
-        f"({len(task_prompts(cfg.task))} prompts), format warm-up {cfg.task.warmup_steps} steps",
+        f"{cfg.trainer.total_steps * tb * n:,} samples; task {cfg.task.name} ({n_prompts} prompts"
+        + (f" of {len(cfg.data.train_files)} file(s)), reward {cfg.reward.function or 'math'}"
+           if cfg.task.name == "dataset" else f"), format warm-up {cfg.task.warmup_steps} steps"),
         f"  loss          {alg.loss} ({params}; agg {alg.agg or 'default'}); group advantages; old_logp {old}"
         + (f"; TIS cap {alg.tis_cap}" if alg.tis else ""),
-        f"  model         {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size} hidden, "
-        f"built in-process (seed {cfg.trainer.seed})",
+        (f"  model         {cfg.model.path} (transformers, local files)" if cfg.model.path else
+         f"  model         {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size} hidden, "
+         f"built in-process (seed {cfg.trainer.seed})"),
         "  actors        learner x1 (DeepSpeed ZeRO-{z}, AdamW lr {lr:g}, {c:g} CPU); rollout x{r} ({b}, {d}, "
         "T={t:g}, {rc:g} CPU each); reward x{w} ({p} processes, {to:g}s per call)".format(
             z=cfg.actor.zero_stage, lr=cfg.actor.lr, c=cfg.actor.num_cpus, r=cfg.rollout.num_workers,
@@ -96,6 +104,24 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.n=8")
     pl = sub.add_parser("plot", help="write PNG curves of a run into RUN_DIR/plots/")
     pl.add_argument("run_dir")
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory",
+                        description="config.json + model.safetensors + tokenizer files that transformers "
+                                    "(AutoModelForCausalLM, AutoTokenizer) and vLLM load.")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--tag", help="checkpoint, e.g. step_000100 (default: the latest)")
+    da = sub.add_parser("data", help="dataset tools")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    pr = dsub.add_parser("prepare", help="write a parquet file in veRL's schema",
+                         description="Input: a parquet/JSONL file already in veRL's schema (validated and "
+                                     "normalised), or rows with problem|question and answer|solution fields "
+                                     "(converted, with --instruction appended to each question).")
+    pr.add_argument("--input", required=True, help=".parquet, .jsonl or .json (one object per line)")
+    pr.add_argument("--output", required=True, help="the .parquet file to write")
+    pr.add_argument("--instruction", default=None, help="appended to converted questions (default: "
+                    "'Please reason step by step, and put your final answer within \\boxed{}.'; '' for none)")
+    pr.add_argument("--data-source", default=None, help="data_source of every row (default: kept, or the input "
+                    "file's name for converted rows)")
     return p
 
 
@@ -112,6 +138,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"vespo {args.command} needs {', '.join(missing)}: pip install \"vespo[train]\" "
               "(after torch; see the README)", file=sys.stderr)
         return 2
+    if args.command == "export":
+        from .hf_export import export_checkpoint
+
+        try:
+            export_checkpoint(args.run_dir, args.out, args.tag)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            print(f"vespo export: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "data":
+        from .data import INSTRUCTION, DataError, prepare
+
+        try:
+            prepare(args.input, args.output, INSTRUCTION if args.instruction is None else args.instruction,
+                    args.data_source)
+        except DataError as exc:
+            print(f"vespo data prepare: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "plot":
         from .plot import plot_run
 
@@ -133,7 +178,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(config_help_text(cfg))
         return 0
     if args.dry_run:
-        print(plan_text(cfg))
+        try:
+            print(plan_text(cfg))
+        except ValueError as exc:
+            print(f"vespo: config error: {exc}", file=sys.stderr)
+            return 2
         return 0
     from .interrupt import Interrupted, TrainingAborted
     from .sync_loop import train

@@ -72,16 +72,18 @@ class TrainerConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = _f("arith", "built-in task: arith ('a+b=' -> last digit of a+b, then EOS; reward 1 if exact)")
+    name: Optional[str] = _f(None, "arith: the built-in 'a+b=' -> last digit of a+b, then EOS (reward 1 if exact); "
+                                   "dataset: the prompts of data.train_files (reward: math unless reward.function); "
+                                   "null: dataset when data.train_files is set, else arith")
     a_max: int = _f(9, "the first operand a takes the values 0..a_max")
     b_max: int = _f(9, "the second operand b takes the values 0..b_max (smaller: an easier table)")
-    warmup_steps: int = _f(40, "supervised warm-up steps on the answer FORMAT only (a random digit then EOS), "
-                               "so a random policy already scores ~0.1; 0 disables")
+    warmup_steps: int = _f(40, "task arith: supervised warm-up steps on the answer FORMAT only (a random digit "
+                               "then EOS), so a random policy already scores ~0.1; 0 disables (task dataset: none)")
     warmup_batch_size: int = _f(64, "sequences per warm-up step")
     warmup_lr: float = _f(3e-3, "learning rate of the warm-up steps (the RL steps use actor.lr)")
 
     def __post_init__(self):
-        _one_of(self.name, "task.name", ("arith",))
+        _one_of(self.name, "task.name", (None, "arith", "dataset"))
         _check(0 <= self.a_max <= 9, "task.a_max", f"must be in 0..9; got {self.a_max}")
         _check(0 <= self.b_max <= 9, "task.b_max", f"must be in 0..9; got {self.b_max}")
         _check(self.warmup_steps >= 0, "task.warmup_steps", "must be >= 0")
@@ -93,9 +95,19 @@ class TaskConfig:
 class DataConfig:
     train_batch_size: int = _f(32, "prompts per rollout step (each gets rollout.n responses)")
     shuffle: bool = _f(True, "reshuffle the prompts every epoch (seeded by trainer.seed and the epoch)")
+    train_files: List[str] = _f([], "local parquet (or JSON lines) files in veRL's schema: prompt (chat messages), "
+                                    "reward_model {style, ground_truth}, data_source, ability, extra_info; "
+                                    "`vespo data prepare` writes them")
+    prompt_key: str = _f("prompt", "column of data.train_files holding the prompt (chat messages or a string)")
+    max_prompt_length: int = _f(512, "prompts longer than this many tokens (chat template included) are dropped, "
+                                     "and the count is printed at start")
 
     def __post_init__(self):
         _check(self.train_batch_size >= 1, "data.train_batch_size", f"must be >= 1; got {self.train_batch_size}")
+        _check(self.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
+        self.train_files = [os.path.abspath(os.path.expanduser(p)) for p in self.train_files]  # actors' cwd may differ
+        for path in self.train_files:
+            _check(os.path.isfile(path), "data.train_files", f"no such file: {path}")
 
 
 @dataclass
@@ -177,16 +189,19 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    fn: Optional[str] = _f(None, "reward function 'module:function' (prompt, response, ground_truth) -> float; "
-                                 "null: the task's own verifier")
+    function: Optional[str] = _f(None, "reward function: a built-in name (arith, math: math-verify on the last "
+                                       "\\boxed{}) or 'package.module:function' taking veRL's (data_source, "
+                                       "solution_str, ground_truth, extra_info) or (prompt, response, ground_truth); "
+                                       "returns a float; null: the task's own (arith, or math for task dataset)")
     num_procs: int = _f(2, "processes in the scoring pool")
     timeout_s: float = _f(5.0, "per-call time limit; a call past it scores 0 and counts in reward/timeouts")
     num_workers: int = _f(1, "reward actors")
     num_cpus: float = _f(0.25, "CPUs Ray reserves per reward actor")
 
     def __post_init__(self):
-        if self.fn is not None:
-            _check(":" in self.fn, "reward.fn", f"must look like 'package.module:function'; got {self.fn!r}")
+        if self.function is not None:
+            _check(self.function in ("arith", "math") or ":" in self.function, "reward.function",
+                   f"must be arith, math or 'package.module:function'; got {self.function!r}")
         _check(self.num_procs >= 1, "reward.num_procs", "must be >= 1")
         _check(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
         _check(self.num_workers >= 1, "reward.num_workers", "must be >= 1")
@@ -194,6 +209,9 @@ class RewardConfig:
 
 @dataclass
 class ModelConfig:
+    path: Optional[str] = _f(None, "local Hugging Face model directory (config.json, *.safetensors, tokenizer files) "
+                                   "loaded with transformers, never downloaded; null: the tiny built-in model below "
+                                   "(the other model.* keys apply only to it)")
     arch: str = _f("qwen2", "tiny model family built from a transformers config (no download): qwen2 or llama")
     hidden_size: int = _f(64, "hidden size")
     num_layers: int = _f(2, "decoder layers")
@@ -207,6 +225,12 @@ class ModelConfig:
 
     def __post_init__(self):
         _one_of(self.arch, "model.arch", ("qwen2", "llama"))
+        if self.path is not None:
+            self.path = os.path.abspath(os.path.expanduser(self.path))  # the actors' cwd may differ
+            _check(os.path.isdir(self.path), "model.path", f"no such directory: {self.path}")
+            _check(os.path.isfile(os.path.join(self.path, "config.json")), "model.path",
+                   f"{self.path} has no config.json (not a Hugging Face model directory); "
+                   f"found {sorted(os.listdir(self.path))[:10]}")
         for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _check(getattr(self, k) >= 1, f"model.{k}", "must be >= 1")
         _check(self.init_std > 0, "model.init_std", "must be > 0")
@@ -290,6 +314,12 @@ class Config:
                    "((1 + staleness_threshold) x trigger_parameter_sync_step x require_batches x ppo_mini_batch_size)")
         _check(self.trainer.resume is False or self.trainer.output_dir is not None, "trainer.resume",
                "needs trainer.output_dir (the run to continue)")
+        if self.task.name is None:
+            self.task.name = "dataset" if self.data.train_files else "arith"
+        _check(self.task.name != "dataset" or bool(self.data.train_files), "task.name",
+               "'dataset' needs data.train_files (local parquet files in veRL's schema)")
+        _check(self.task.name != "arith" or not self.data.train_files, "data.train_files",
+               "are only read by task.name=dataset (or leave task.name unset); task.name is 'arith'")
 
     # -- derived quantities -------------------------------------------------------------------
     @property

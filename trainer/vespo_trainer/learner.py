@@ -15,9 +15,9 @@ from typing import List, Optional
 
 import torch
 
-from .model import build_model, num_params
+from .model import load_policy, num_params
 from .runtime import free_port, quiet_libraries, set_threads
-from .task import make_tokenizer, max_positions
+from .task import make_tokenizer
 
 
 def deepspeed_config(cfg, micro: int, gas: int, on_cuda: bool) -> dict:
@@ -53,8 +53,8 @@ class Learner:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
-        self.tok = make_tokenizer()
-        model = build_model(cfg.model, self.tok, seed=cfg.trainer.seed, max_positions=max_positions(cfg))
+        self.tok = make_tokenizer(cfg)
+        model = load_policy(cfg, self.tok, dtype="fp32")
         self.n_params = num_params(model)
         self.mb_samples = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
         self.micro = cfg.actor.micro_batch_size or self.mb_samples
@@ -72,6 +72,14 @@ class Learner:
         return {"params": self.n_params, "loss_kernels": kernels, "threads": self.threads, "device": str(self.device),
                 "zero_stage": self.cfg.actor.zero_stage, "micro_batch": self.micro, "grad_accum": self.gas,
                 "version": self.version, "pid": os.getpid()}
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) fp32 logits of the current weights for unpadded `input_ids` (checks, export tests)."""
+        self.engine.eval()
+        out = self.engine(input_ids=input_ids.to(self.device), use_cache=False).logits.float().cpu()
+        self.engine.train()
+        return out
 
     # -- forward helpers ------------------------------------------------------------------------
     def _response_logits(self, input_ids, attention_mask, L: int):

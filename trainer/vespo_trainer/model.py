@@ -32,3 +32,43 @@ def build_model(mcfg, tokenizer, seed: int, dtype: str = "fp32", max_positions: 
 
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_model_dir(path: str) -> None:
+    """A local Hugging Face model directory: exists and has config.json (ValueError naming model.path)."""
+    import os
+
+    if not os.path.isdir(path):
+        raise ValueError(f"model.path: no such directory: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model.path: {path} has no config.json (a Hugging Face model directory holds "
+                         f"config.json, *.safetensors and tokenizer files); found {sorted(os.listdir(path))[:10]}")
+
+
+def load_policy(cfg, tokenizer, dtype: str = "fp32"):
+    """The policy of a run: `model.path` loaded with transformers (local files only, never a download),
+    or the tiny built-in model of `cfg.model` (seeded by trainer.seed)."""
+    from .task import max_positions
+
+    path = cfg.model.path
+    if not path:
+        return build_model(cfg.model, tokenizer, seed=cfg.trainer.seed, dtype=dtype, max_positions=max_positions(cfg))
+    from transformers import AutoModelForCausalLM
+
+    import transformers
+
+    check_model_dir(path)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
+                                                     **{dtype_kw: DTYPES[dtype]})
+    except Exception as exc:  # noqa: BLE001 - name the key and the path whatever went wrong
+        raise ValueError(f"model.path: cannot load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
+    # Sampling defaults of the directory (top_p, top_k, repetition_penalty, ...) must not leak into the rollout:
+    # the behaviour log-probs are those of plain temperature sampling from the raw logits.
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=list(tokenizer.eos_token_ids))
+    return model

@@ -1,7 +1,16 @@
 """Reward scoring in a process pool with a time limit per call; model output is data, never code.
 
-A reward function is named 'package.module:function' and called as fn(prompt, response,
-ground_truth) -> float in a separate process (spawned, so it shares nothing with the actor).
+A reward function (`reward.function`) is a built-in name (BUILTIN: `arith`, `math`) or
+'package.module:function', imported and called in a separate process (spawned, so it shares nothing
+with the actor) with one of two signatures, chosen by its parameter names:
+
+  - veRL's, when it has a parameter named `solution_str`:
+        fn(data_source=..., solution_str=response, ground_truth=..., extra_info=...)
+    (only the names it declares are passed, all four when it takes **kwargs);
+  - otherwise fn(prompt, response, ground_truth), positionally (prompt: the plain prompt text; for
+    chat prompts the last user message).
+
+It returns a number, or a dict with a numeric "score" (veRL's richer return value).
 Each call runs under an interval timer (SIGALRM): a call that takes longer than `timeout_s`
 scores 0 and counts as a timeout; one that raises, or returns something that is not a finite
 number, scores 0 and counts as an error. A call that cannot be interrupted (stuck in C code)
@@ -12,6 +21,7 @@ the built-in verifier compares strings.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import multiprocessing as mp
 import signal
@@ -19,6 +29,8 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 _FN_CACHE: Dict[str, Callable] = {}
+BUILTIN = {"arith": "vespo_trainer.task:arith_reward", "math": "vespo_trainer.math_reward:compute_score"}
+VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
 
 
 class _CallTimeout(Exception):
@@ -26,18 +38,54 @@ class _CallTimeout(Exception):
 
 
 def resolve_fn(spec: str) -> Callable:
-    """'package.module:function' -> the function (imported, cached per process)."""
+    """A built-in name or 'package.module:function' -> the function (imported, cached per process)."""
     fn = _FN_CACHE.get(spec)
     if fn is None:
-        module, _, name = spec.partition(":")
+        module, _, name = BUILTIN.get(spec, spec).partition(":")
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward function {spec!r} cannot be imported: {exc}") from None
+            raise ValueError(f"reward.function: {spec!r} cannot be imported: {exc}") from None
         if not callable(fn):
-            raise ValueError(f"reward function {spec!r} is not callable")
+            raise ValueError(f"reward.function: {spec!r} is not callable")
         _FN_CACHE[spec] = fn
     return fn
+
+
+def make_caller(fn: Callable) -> Callable:
+    """call(data_source, prompt, response, ground_truth, extra_info) in the function's own signature."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "solution_str" not in params:
+        return lambda ds, prompt, response, truth, extra: fn(prompt, response, truth)
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    names = [n for n in VERL_ARGS if takes_all or n in params]
+
+    def call(ds, prompt, response, truth, extra):
+        values = {"data_source": ds, "solution_str": response, "ground_truth": truth, "extra_info": extra}
+        return fn(**{n: values[n] for n in names})
+    return call
+
+
+def _as_score(value) -> float:
+    if isinstance(value, dict):
+        if "score" not in value:
+            raise ValueError(f"reward dict has no 'score': {sorted(value)}")
+        value = value["score"]
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"reward is not finite: {value}")
+    return value
+
+
+def _warm(spec: str) -> None:
+    """Pool-process initializer: import the function (and what its module imports) before the first timed call."""
+    try:
+        resolve_fn(spec)
+    except Exception:  # noqa: BLE001 - the first call reports it, scored as an error
+        pass
 
 
 def _on_alarm(signum, frame):
@@ -46,20 +94,17 @@ def _on_alarm(signum, frame):
 
 def _score_chunk(spec: str, items: List[tuple], timeout_s: float) -> List[tuple]:
     """Runs in a pool process: [(status, reward, detail)] with status ok | timeout | error."""
-    fn = resolve_fn(spec)
+    call = make_caller(resolve_fn(spec))
     signal.signal(signal.SIGALRM, _on_alarm)
     out = []
-    for prompt, response, truth in items:
+    for ds, prompt, response, truth, extra in items:
         try:
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
             try:
-                value = fn(prompt, response, truth)
+                value = call(ds, prompt, response, truth, extra)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"reward is not finite: {value}")
-            out.append(("ok", value, ""))
+            out.append(("ok", _as_score(value), ""))
         except _CallTimeout:
             out.append(("timeout", 0.0, f"exceeded {timeout_s}s"))
         except BaseException as exc:  # noqa: BLE001 - any failure of the user's function scores 0
@@ -68,7 +113,7 @@ def _score_chunk(spec: str, items: List[tuple], timeout_s: float) -> List[tuple]
 
 
 class RewardPool:
-    """Scores (prompt, response, ground_truth) triples with `fn_spec` in `num_procs` processes."""
+    """Scores responses with `fn_spec` (a BUILTIN name or 'package.module:function') in `num_procs` processes."""
 
     def __init__(self, fn_spec: str, num_procs: int = 2, timeout_s: float = 5.0, grace_s: float = 10.0):
         resolve_fn(fn_spec)  # fail early, in the caller, if the function does not exist
@@ -78,7 +123,7 @@ class RewardPool:
 
     def _get_pool(self):
         if self._pool is None:
-            self._pool = mp.get_context("spawn").Pool(self.num_procs)
+            self._pool = mp.get_context("spawn").Pool(self.num_procs, initializer=_warm, initargs=(self.fn_spec,))
         return self._pool
 
     def _kill_pool(self):
@@ -88,9 +133,11 @@ class RewardPool:
             self._pool = None
             self.restarts += 1
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str], truths: Sequence[str]) -> dict:
+    def score(self, prompts: Sequence[str], responses: Sequence[str], truths: Sequence, *,
+              data_sources: Optional[Sequence[str]] = None, extra_infos: Optional[Sequence] = None) -> dict:
         t0 = time.perf_counter()
-        items = list(zip(prompts, responses, truths))
+        n = len(prompts)
+        items = list(zip(data_sources or [""] * n, prompts, responses, truths, extra_infos or [None] * n))
         n = len(items)
         if not n:
             return {"rewards": [], "timeouts": 0, "errors": 0, "error_examples": [], "seconds": 0.0}
@@ -127,15 +174,19 @@ class RewardPool:
             self._pool = None
 
 
+def reward_spec(cfg) -> str:
+    """reward.function, or the task's own verifier: arith for task arith, math for task dataset."""
+    return cfg.reward.function or ("math" if cfg.task.name == "dataset" else "arith")
+
+
 class RewardWorker:
     """The Ray actor around a RewardPool (config: reward.*; the function defaults to the task's)."""
 
     def __init__(self, cfg):
-        spec = cfg.reward.fn or "vespo_trainer.task:arith_reward"
-        self.pool = RewardPool(spec, cfg.reward.num_procs, cfg.reward.timeout_s)
+        self.pool = RewardPool(reward_spec(cfg), cfg.reward.num_procs, cfg.reward.timeout_s)
 
-    def score(self, prompts, responses, truths) -> dict:
-        return self.pool.score(prompts, responses, truths)
+    def score(self, prompts, responses, truths, data_sources=None, extra_infos=None) -> dict:
+        return self.pool.score(prompts, responses, truths, data_sources=data_sources, extra_infos=extra_infos)
 
     def close(self):
         self.pool.close()

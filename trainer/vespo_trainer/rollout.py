@@ -17,9 +17,9 @@ from typing import List, Optional
 
 import torch
 
-from .model import build_model
+from .model import load_policy
 from .runtime import quiet_libraries, set_threads, stable_seed
-from .task import Prompt, make_tokenizer, max_positions
+from .task import Prompt, make_tokenizer
 
 
 class RolloutWorker:
@@ -28,9 +28,8 @@ class RolloutWorker:
         self.cfg, self.rank = cfg, rank
         self.threads = set_threads(cfg.trainer.num_threads)
         self.device = torch.device("cuda" if _want_cuda(cfg) else "cpu")
-        self.tok = make_tokenizer()
-        self.model = build_model(cfg.model, self.tok, seed=cfg.trainer.seed, dtype=cfg.rollout.dtype,
-                                 max_positions=max_positions(cfg)).to(self.device).eval()
+        self.tok = make_tokenizer(cfg)
+        self.model = load_policy(cfg, self.tok, dtype=cfg.rollout.dtype).to(self.device).eval()
         self.version = -1  # no weights from the learner yet
         self._cv = threading.Condition()  # guards _pause/_busy: a weight update never lands mid-segment
         self._pause = False  # a weight update is waiting
@@ -73,12 +72,13 @@ class RolloutWorker:
             raise RuntimeError("rollout worker has no weights yet (update_weights was never called)")
         rc, n = self.cfg.rollout, self.cfg.rollout.n
         t0 = time.perf_counter()
-        prompt_tok = [self.tok.encode(p.text) for p in prompts for _ in range(n)]
+        prompt_tok = [self.tok.encode_prompt(p.model_input) for p in prompts for _ in range(n)]
         B = len(prompt_tok)
         toks: List[List[int]] = [[] for _ in range(B)]
         logps: List[List[float]] = [[] for _ in range(B)]
         vers: List[List[int]] = [[] for _ in range(B)]
         active, remaining, segment = list(range(B)), rc.max_new_tokens, 0
+        eos = set(self.tok.eos_token_ids)
         while active and remaining > 0:
             with self._cv:
                 self._cv.wait_for(lambda: not self._pause)
@@ -95,11 +95,11 @@ class RolloutWorker:
             still = []
             for row, i in enumerate(active):
                 r = new[row].tolist()
-                end = r.index(self.tok.eos_token_id) + 1 if self.tok.eos_token_id in r else len(r)
+                end = next((k + 1 for k, t in enumerate(r) if t in eos), None)
                 toks[i] += r[:end]
                 logps[i] += logp[row, :end].tolist()
-                vers[i] += [version] * end
-                if end == len(r) and self.tok.eos_token_id not in r:
+                vers[i] += [version] * len(r[:end])
+                if end is None:
                     still.append(i)
             remaining -= new.shape[1]
             active, segment = still, segment + 1
@@ -119,7 +119,8 @@ class RolloutWorker:
         ids, am = ids.to(self.device), am.to(self.device)
         gen_cfg = GenerationConfig(
             do_sample=True, temperature=rc.temperature, top_p=rc.top_p, top_k=0, max_new_tokens=max_new,
-            pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, bos_token_id=self.tok.bos_token_id,
+            pad_token_id=self.tok.pad_token_id, eos_token_id=list(self.tok.eos_token_ids),
+            bos_token_id=self.tok.bos_token_id,
             output_logits=True, return_dict_in_generate=True)
         stop = StoppingCriteriaList([_pause_criteria(self)] if interruptible else [])
         devices = [self.device] if self.device.type == "cuda" else []
@@ -153,7 +154,7 @@ class RolloutWorker:
             uid = torch.arange(uid_base, uid_base + B, dtype=torch.long)
         else:
             uid = torch.tensor([g + j for g in group_uids for j in range(n)], dtype=torch.long)
-        ended = [bool(t) and t[-1] == self.tok.eos_token_id for t in toks]
+        ended = [bool(t) and t[-1] in set(self.tok.eos_token_ids) for t in toks]
         return {
             "input_ids": torch.cat([prompt_ids, responses], 1),   # (B, P + L) prompt (left-padded) + response
             "attention_mask": torch.cat([prompt_mask, mask.long()], 1),

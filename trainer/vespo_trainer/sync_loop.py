@@ -25,7 +25,8 @@ from .cluster import ray_session, start_actors, stop_actors
 from .config import Config, ConfigError, to_yaml
 from .interrupt import GracefulInterrupt, Interrupted
 from .metrics_log import Progress, RunLog
-from .task import PromptStream, make_tokenizer, task_prompts, warmup_texts
+from .reward import resolve_fn, reward_spec
+from .task import PromptStream, load_prompts, make_tokenizer, task_prompts, warmup_texts
 
 LEARNER_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
                 "prompt_id", "advantages")
@@ -54,11 +55,18 @@ def train(cfg: Config) -> str:
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     progress = Progress(cfg.trainer.progress, cfg.trainer.total_steps, 0, cfg.trainer.log_every)
+    try:  # the tokenizer and the prompts load here, so a bad model.path or data file fails before any actor starts
+        tok = make_tokenizer(cfg)
+        prompts = load_prompts(cfg, tok, log=progress.print)
+        resolve_fn(reward_spec(cfg))  # importable here (the reward workers import it again)
+    except ValueError as exc:
+        progress.close()
+        raise ConfigError(str(exc)) from None
     loop = async_loop if cfg.trainer.mode == "async" else _loop
     with ray_session(cfg), GracefulInterrupt(progress.print) as stop:
         actors = start_actors(cfg)
         try:
-            loop(cfg, run_dir, actors, progress, stop)
+            loop(cfg, run_dir, actors, progress, stop, tok, prompts)
         finally:
             progress.close()
             stop_actors(actors)
@@ -84,7 +92,7 @@ def start_run(cfg: Config, run_dir: str, actors, progress: Progress):
     else:
         if tc.resume:
             progress.print(f"trainer.resume=true but {run_dir} has no checkpoint yet: starting from step 0")
-        if cfg.task.warmup_steps:
+        if cfg.task.warmup_steps and cfg.task.name == "arith":
             rng = random.Random(f"{tc.seed}/warmup")
             pairs = [warmup_texts(task_prompts(cfg.task), cfg.task.warmup_batch_size, rng)
                      for _ in range(cfg.task.warmup_steps)]
@@ -96,12 +104,11 @@ def start_run(cfg: Config, run_dir: str, actors, progress: Progress):
     return start_step, state, learner_info
 
 
-def _loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: GracefulInterrupt) -> None:
+def _loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: GracefulInterrupt, tok, all_prompts) -> None:
     import ray
 
     tc, n, tb = cfg.trainer, cfg.rollout.n, cfg.data.train_batch_size
-    tok = make_tokenizer()
-    stream = PromptStream(task_prompts(cfg.task), tc.seed, cfg.data.shuffle)
+    stream = PromptStream(all_prompts, tc.seed, cfg.data.shuffle)
     start_step, state, learner_info = start_run(cfg, run_dir, actors, progress)
     if state is not None:
         stream.load_state_dict(state["data"])
@@ -125,7 +132,7 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: GracefulI
             batch = merge_rollouts(parts, tok.pad_token_id)
             t_roll = time.perf_counter()
             # 2. rewards
-            scored = _score(actors, batch)
+            scored = _score(actors, batch, prompts, n)
             rewards = torch.tensor(scored["rewards"], dtype=torch.float32)
             if (scored["errors"] or scored["timeouts"]) and not warned_reward:
                 warned_reward = True  # once per run; metrics.jsonl counts them every step
@@ -141,7 +148,7 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: GracefulI
             sync_s, sync_mb = _sync_weights(cfg, actors)
             step_s = time.perf_counter() - t0
             # 6. metrics
-            m, lags, prov = batch_metrics(batch, rewards, out, tok.eos_token_id, step_s)
+            m, lags, prov = batch_metrics(batch, rewards, out, tok.eos_token_ids, step_s)
             m.update({"reward/timeouts": scored["timeouts"], "reward/errors": scored["errors"],
                       "perf/weight_sync_mb": sync_mb, "time/rollout_s": t_roll - t0, "time/reward_s": t_rew - t_roll,
                       "time/learner_s": t_train - t_rew, "time/weight_sync_s": sync_s})
@@ -156,7 +163,7 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: GracefulI
         log.close()
 
 
-def batch_metrics(batch: dict, rewards: torch.Tensor, out: dict, eos_id: int, step_s: float) -> tuple:
+def batch_metrics(batch: dict, rewards: torch.Tensor, out: dict, eos_ids, step_s: float) -> tuple:
     """(metrics, lags, provenance) of one trained batch: rewards, lengths, the lag histogram, learner metrics."""
     prov = out["provenance"]
     lags = [u - g for u, g in zip(prov["update_version"], prov["gen_version"])]
@@ -165,7 +172,8 @@ def batch_metrics(batch: dict, rewards: torch.Tensor, out: dict, eos_id: int, st
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "response/length_mean": float(mask.sum(1).float().mean()),
-        "response/ended_frac": float(((batch["responses"] == eos_id) & mask).any(1).float().mean()),
+        "response/ended_frac": float((torch.isin(batch["responses"], torch.tensor(list(eos_ids))) & mask)
+                                     .any(1).float().mean()),
         "staleness/mean": sum(lags) / len(lags), "staleness/max": max(lags), "staleness/min": min(lags),
         **out["metrics"],
         "perf/tokens_per_s": int(batch["attention_mask"].sum()) / step_s, "perf/response_tokens": int(mask.sum()),
@@ -175,13 +183,16 @@ def batch_metrics(batch: dict, rewards: torch.Tensor, out: dict, eos_id: int, st
     return m, lags, {**prov, "lag": lags, "reward": rewards.tolist()}
 
 
-def _score(actors, batch) -> dict:
-    """Split the responses between the reward workers; gather the rewards in order."""
+def _score(actors, batch, prompts, n: int) -> dict:
+    """Split the responses between the reward workers; gather the rewards in order (rows: n per prompt, in order)."""
     import ray
 
+    sources = [p.data_source for p in prompts for _ in range(n)]
+    extras = [p.extra_info for p in prompts for _ in range(n)]
     shares = split_groups(len(batch["texts"]), len(actors.reward))
     outs = ray.get([w.score.remote([batch["prompts"][i] for i in r], [batch["texts"][i] for i in r],
-                                   [batch["ground_truths"][i] for i in r]) for w, r in zip(actors.reward, shares)])
+                                   [batch["ground_truths"][i] for i in r], [sources[i] for i in r],
+                                   [extras[i] for i in r]) for w, r in zip(actors.reward, shares)])
     return {"rewards": [x for o in outs for x in o["rewards"]], "timeouts": sum(o["timeouts"] for o in outs),
             "errors": sum(o["errors"] for o in outs), "error_examples": [e for o in outs for e in o["error_examples"]]}
 

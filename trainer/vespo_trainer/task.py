@@ -1,4 +1,4 @@
-"""The built-in verifiable task and the prompt stream.
+"""The tasks (built-in `arith`, or `dataset`: parquet files in veRL's schema, see data.py) and the prompt stream.
 
 Task `arith`: the prompt is "a+b=" (single digits, a in 0..a_max, b in 0..b_max); the right response is
 the last digit of a + b followed by EOS. The reward is 1 if the response text (up to EOS) is
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List, Optional, Tuple
 
-from .tokenizer import CharTokenizer
+from .tokenizer import PRINTABLE, CharTokenizer, load_tokenizer
 
 ALPHABET = "0123456789+="
 
@@ -23,12 +23,26 @@ ALPHABET = "0123456789+="
 @dataclass(frozen=True)
 class Prompt:
     prompt_id: int  # index in the task's prompt list
-    text: str
-    ground_truth: str
+    text: str  # the prompt as plain text (chat prompts: the last user message); reward functions see it
+    ground_truth: Any
+    chat: Optional[Tuple[dict, ...]] = None  # chat messages {role, content}; the model sees these when set
+    data_source: str = ""
+    extra_info: Optional[dict] = None
+
+    @property
+    def model_input(self):
+        """What the tokenizer encodes: the chat messages, or the plain text."""
+        return list(self.chat) if self.chat is not None else self.text
 
 
-def make_tokenizer() -> CharTokenizer:
-    return CharTokenizer(ALPHABET)
+def make_tokenizer(cfg=None):
+    """The run's tokenizer: model.path's (Hugging Face), else the built-in character tokenizer
+    (task arith: digits, '+', '='; task dataset: printable ASCII plus <unk>). No cfg: arith's."""
+    if cfg is None:
+        return CharTokenizer(ALPHABET)
+    if cfg.task.name == "dataset":
+        return load_tokenizer(cfg.model.path, PRINTABLE, unk=True)
+    return load_tokenizer(cfg.model.path, ALPHABET)
 
 
 def arith_prompts(a_max: int, b_max: int) -> List[Prompt]:
@@ -82,10 +96,31 @@ class PromptStream:
 
 
 def max_positions(cfg) -> int:
-    """Position-embedding size of the model: the longest prompt + response, with room to spare."""
+    """Position-embedding size of the model: the longest prompt + response, with room to spare
+    (model.path: the model's own max_position_embeddings)."""
+    if cfg.model.path:
+        import json
+        import os
+
+        with open(os.path.join(cfg.model.path, "config.json")) as f:
+            hf = json.load(f)
+        return int(hf.get("max_position_embeddings") or hf.get("text_config", {}).get("max_position_embeddings"))
+    if cfg.task.name == "dataset":
+        return cfg.data.max_prompt_length + cfg.rollout.max_new_tokens + 8
     return 8 + len("9+9=") + cfg.rollout.max_new_tokens + 8
 
 
 def task_prompts(task_cfg) -> List[Prompt]:
-    """The prompt list of the configured task (config.TaskConfig)."""
+    """The prompt list of the built-in arith task (config.TaskConfig)."""
     return arith_prompts(task_cfg.a_max, task_cfg.b_max)
+
+
+def load_prompts(cfg, tok, log=print) -> List[Prompt]:
+    """The prompts of the configured task; task dataset: data.train_files, prompts longer than
+    data.max_prompt_length tokens (chat template included) dropped with a count. Raises ValueError
+    (bad files, a tokenizer without chat template for chat prompts, nothing left)."""
+    if cfg.task.name != "dataset":
+        return task_prompts(cfg.task)
+    from .data import load_dataset_prompts
+
+    return load_dataset_prompts(cfg.data, tok, log=log)
