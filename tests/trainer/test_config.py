@@ -44,7 +44,10 @@ def test_overrides_and_types():
     (["algorithm.loss=grpo", "algorithm.loss_params.k_pos=2.0"], "algorithm.loss_params", "k_pos"),
     (["algorithm.agg=mean"], "algorithm.agg", "must be one of"),
     (["trainer.mode=async"], "trainer.mode", "not implemented yet"),
-    (["rollout.backend=vllm"], "rollout.backend", "not implemented yet"),
+    (["rollout.backend=sglang"], "rollout.backend", "must be one of hf, vllm"),
+    (["rollout.backend=vllm"], "model.hidden_size", "head sizes 32, 64"),  # the default 64 / 4 = 16
+    (["rollout.backend=vllm", "model.hidden_size=48", "model.num_heads=2", "model.num_kv_heads=2"], "model.hidden_size", "= 24"),
+    (["rollout.vllm_kv_cache_gb=0"], "rollout.vllm_kv_cache_gb", "> 0"),
     (["trainer.total_steps=0"], "trainer.total_steps", ">= 1"),
     (["trainer.total_steps=ten"], "trainer.total_steps", "could not be converted"),
     (["trainer.no_such_key=1"], "trainer.no_such_key", "not in"),
@@ -64,6 +67,11 @@ def test_validation_errors_name_the_key(overrides, key, words):
     msg = str(err.value)
     assert msg.startswith(key) or key in msg, msg
     assert words in msg, msg
+
+
+def test_vllm_backend_accepts_a_supported_head_size():
+    cfg = load_config(TINY, ["rollout.backend=vllm", "model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=1"])
+    assert cfg.rollout.backend == "vllm" and cfg.model.hidden_size // cfg.model.num_heads == 32
 
 
 def test_missing_config_file():

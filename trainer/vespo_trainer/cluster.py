@@ -85,11 +85,18 @@ def start_actors(cfg) -> Actors:
     from .reward import RewardWorker
     from .rollout import RolloutWorker
 
+    worker_cls = RolloutWorker
+    if cfg.rollout.backend == "vllm":
+        from .vllm_rollout import VllmRolloutWorker, check_available
+
+        if ray_address(cfg) is None:
+            check_available()  # a local Ray's workers share this environment: fail before starting anything
+        worker_cls = VllmRolloutWorker
     if use_cuda(cfg) and cfg.trainer.device == "auto":
         cfg.trainer.device = "cuda"  # what the actors should use, whatever the driver sees
     res = plan_resources(cfg, ray.cluster_resources())
     learner = ray.remote(Learner).options(**res["learner"]).remote(cfg)
-    rollout = [ray.remote(RolloutWorker).options(**res["rollout"]).remote(cfg, rank)
+    rollout = [ray.remote(worker_cls).options(**res["rollout"]).remote(cfg, rank)
                for rank in range(cfg.rollout.num_workers)]
     reward = [ray.remote(RewardWorker).options(**res["reward"]).remote(cfg) for _ in range(cfg.reward.num_workers)]
     return Actors(learner, rollout, reward)
