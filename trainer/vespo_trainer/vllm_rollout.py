@@ -11,7 +11,8 @@ How the pieces fit (vLLM 0.32):
 - Attention head size. vLLM's CPU attention kernels only take head sizes 32, 64, 80, 96, 112, 128, 160,
   192, 224, 256, 512 (it fails with "Unsupported CPU attention configuration: head_dim=16"), so config
   validation refuses `rollout.backend=vllm` with a model.hidden_size / model.num_heads outside
-  config.VLLM_HEAD_SIZES (the defaults, 64 / 4 = 16, are refused; 64 / 2 = 32 works).
+  config.VLLM_HEAD_SIZES (512 left out: GPU attention backends stop at 256). The defaults, 64 / 4 = 16,
+  are refused; 64 / 2 = 32 works.
 - The engine runs in this actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, one worker, no engine
   subprocess), so weights can be handed to the model runner as Python objects.
 - Log-probs. vLLM reports raw (temperature 1) log-probs by default; the engine is started with
@@ -19,8 +20,9 @@ How the pieces fit (vLLM 0.32):
   temperature (and top-p). With top_p = 1 (the default) that is log_softmax(logits / T), the quantity the
   HF worker and the learner compute. Measured in fp32 against the learner-side recomputation
   (vespo_ext.token_logprobs on the HF model's logits), 256 responses x 5 tokens, T = 1 and 0.7:
-  max |diff| <= 2e-6, mean 2-2.5e-7 (the HF worker: 1.4e-6 / 2.3e-7); the tests allow 1e-4 max, 1e-5 mean. With top_p < 1 vLLM renormalises over the nucleus, so its
-  log-probs exceed the learner's full-softmax ones by -log(nucleus mass) on each token.
+  max |diff| <= 2e-6, mean 2-2.5e-7 (the HF worker: 1.4e-6 / 2.3e-7); the tests allow 1e-4 max and
+  1e-5 mean; in `train()` rollout/logp_abs_diff is 5e-8 to 1.4e-7. With top_p < 1 vLLM renormalises over
+  the nucleus, so its log-probs exceed the learner's full-softmax ones by -log(nucleus mass) per token.
 - Weight updates go into the running engine: one `collective_rpc("reload_weights", weights_iterator=...,
   is_checkpoint_format=True)` per sync, fed by a generator over the bucket refs from weight_sync.publish
   (one bucket in memory at a time). vLLM's layer-wise reload restores each layer's checkpoint layout,
