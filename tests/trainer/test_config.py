@@ -47,7 +47,12 @@ def test_overrides_and_types():
     (["async.staleness_threshold=-1"], "async.staleness_threshold", ">= 0"),
     (["async.no_such_key=1"], "async.no_such_key", "not in"),
     (["trainer.mode=later"], "trainer.mode", "sync, async"),
-    (["rollout.backend=vllm"], "rollout.backend", "not implemented yet"),
+    (["rollout.backend=vllm", "model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=2", "trainer.mode=async",
+      "async.partial_rollout=true"], "async.partial_rollout", "not supported with rollout.backend=vllm"),
+    (["rollout.backend=sglang"], "rollout.backend", "must be one of hf, vllm"),
+    (["rollout.backend=vllm"], "model.hidden_size", "head sizes 32, 64"),  # the default 64 / 4 = 16
+    (["rollout.backend=vllm", "model.hidden_size=48", "model.num_heads=2", "model.num_kv_heads=2"], "model.hidden_size", "= 24"),
+    (["rollout.vllm_kv_cache_gb=0"], "rollout.vllm_kv_cache_gb", "> 0"),
     (["trainer.total_steps=0"], "trainer.total_steps", ">= 1"),
     (["trainer.total_steps=ten"], "trainer.total_steps", "could not be converted"),
     (["trainer.no_such_key=1"], "trainer.no_such_key", "not in"),
@@ -82,6 +87,11 @@ def test_async_group_is_spelled_async(tmp_path):
 
     again.write_text(to_yaml(cfg))
     assert to_dict(load_config(str(again))) == to_dict(cfg)
+
+
+def test_vllm_backend_accepts_a_supported_head_size():
+    cfg = load_config(TINY, ["rollout.backend=vllm", "model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=1"])
+    assert cfg.rollout.backend == "vllm" and cfg.model.hidden_size // cfg.model.num_heads == 32
 
 
 def test_missing_config_file():

