@@ -168,7 +168,7 @@ class VllmRolloutWorker:
             "prompts": [p.text for p in prompts for _ in range(n)],
             "ground_truths": [p.ground_truth for p in prompts for _ in range(n)],
             "stats": {"gen_s": gen_s, "ended_frac": float(ended.float().mean()), "threads": self.threads,
-                      "response_tokens": int(mask.sum())},
+                      "response_tokens": int(mask.sum()), "segments": 1},
         }
 
 
