@@ -24,7 +24,10 @@ def plan_text(cfg) -> str:
     from .cluster import ray_address
     from .task import load_prompts, make_tokenizer
 
-    n_prompts = len(load_prompts(cfg, make_tokenizer(cfg), log=lambda s: None))
+    from .config import missing_paths
+
+    missing = missing_paths(cfg)
+    n_prompts = "?" if missing else len(load_prompts(cfg, make_tokenizer(cfg), log=lambda s: None))
 
     tb, mb, n, N = cfg.data.train_batch_size, cfg.actor.ppo_mini_batch_size, cfg.rollout.n, cfg.staleness
     micro = cfg.actor.micro_batch_size or mb * n
@@ -77,6 +80,7 @@ def plan_text(cfg) -> str:
         f"  output        {cfg.trainer.output_dir or 'runs/' + cfg.trainer.experiment_name + '-<time>'}"
         + (" (resume from its latest checkpoint)" if cfg.trainer.resume else ""),
     ]
+    lines += [f"  NOT HERE      {m} (needed to train; everything else was validated)" for m in missing]
     return "\n".join(lines)
 
 
@@ -170,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
     except ConfigError as exc:
         print(f"vespo: config error: {exc}", file=sys.stderr)
         return 2
