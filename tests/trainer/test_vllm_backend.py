@@ -116,11 +116,13 @@ def test_vllm_worker_logprobs_match_the_learner_and_follow_weight_syncs(tmp_path
         ray.kill(hw)
 
 
-def test_train_with_vllm_rollouts(tmp_path, ray_cluster):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_train_with_vllm_rollouts(tmp_path, ray_cluster, mode):
     from vespo_trainer.sync_loop import train
 
+    extra = ["trainer.mode=async", "async.trigger_parameter_sync_step=1"] if mode == "async" else []
     cfg = load_tiny(tmp_path / "run", *VLLM_SHAPE, "algorithm.behaviour_logp=recompute", "trainer.total_steps=3",
-                    "trainer.save_every=0")
+                    "trainer.save_every=0", *extra)
     run_dir = train(cfg)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         recs = [json.loads(ln) for ln in f]
