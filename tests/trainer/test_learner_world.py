@@ -171,3 +171,48 @@ def test_two_ranks_zero3_match_one_rank_sync_and_checkpoint(reference, tmp_path)
         assert isinstance(err.value, LearnerFailed) or "LearnerFailed" in str(err.value)
     finally:
         again.kill()
+
+
+# -- without Ray: the config checks, the resource plan and the dry-run text of a multi-rank learner --------
+@pytest.mark.parametrize("overrides, key, words", [
+    (["actor.num_workers=0"], "actor.num_workers", ">= 1"),
+    (["actor.num_workers=3"], "actor.num_workers", "8 x 8 = 64 responses must split evenly over the 3"),
+    (["actor.num_workers=2", "actor.micro_batch_size=64"], "actor.micro_batch_size",
+     "must divide each learner rank's 32 of the mini-batch's"),
+    (["actor.num_workers=2", "task.warmup_batch_size=3"], "task.warmup_batch_size", "split evenly"),
+])
+def test_world_config_errors(overrides, key, words):
+    from vespo_trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(key) and words in str(err.value), str(err.value)
+
+
+def test_resources_count_every_rank(monkeypatch):
+    from vespo_trainer.cluster import plan_resources
+    from vespo_trainer.config import load_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(None, ["trainer.device=cpu", "actor.num_workers=2", "actor.num_cpus=0.5"])
+    assert plan_resources(cfg, {"CPU": 2.0})["learner"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    with pytest.raises(RuntimeError, match="need 2.75 CPUs"):  # 2 x 1 + 0.5 + 0.25
+        plan_resources(load_config(None, ["trainer.device=cpu", "actor.num_workers=2"]), {"CPU": 2.0})
+    gpu = load_config(None, ["trainer.device=cuda", "actor.num_workers=2"])
+    whole = plan_resources(gpu, {"CPU": 8.0, "GPU": 3.0})  # one GPU per rank and per rollout worker
+    assert whole["learner"]["num_gpus"] == whole["rollout"]["num_gpus"] == 1.0
+    shared = plan_resources(gpu, {"CPU": 8.0, "GPU": 2.0})  # > 1/2 per rank: never two NCCL ranks on one GPU
+    assert shared["learner"]["num_gpus"] > 0.5 and 2 * shared["learner"]["num_gpus"] + shared["rollout"]["num_gpus"] <= 2
+    with pytest.raises(RuntimeError, match="one GPU per rank"):
+        plan_resources(load_config(None, ["trainer.device=cuda", "actor.num_workers=2", "actor.num_gpus=0.5"]),
+                       {"CPU": 8.0, "GPU": 2.0})
+
+
+def test_dry_run_shows_the_world_size(capsys):
+    from vespo_trainer import cli
+
+    assert cli.main(["train", "--dry-run", "actor.num_workers=4", "actor.zero_stage=3",
+                     "actor.micro_batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "learner x4 (DeepSpeed ZeRO-3, world size 4: 16 responses per rank per mini-batch" in out
+    assert "micro-batch 4 (gradient accumulation 4 on each of 4 learner ranks)" in out

@@ -21,7 +21,8 @@ def plan_text(cfg) -> str:
     from .task import task_prompts
 
     tb, mb, n, N = cfg.data.train_batch_size, cfg.actor.ppo_mini_batch_size, cfg.rollout.n, cfg.staleness
-    micro = cfg.actor.micro_batch_size or mb * n
+    lw = cfg.actor.num_workers
+    micro = cfg.actor.micro_batch_size or mb * n // lw
     alg = cfg.algorithm
     params = ", ".join(f"{k}={v}" for k, v in alg.loss_params.items()) or "defaults"
     old = "recomputed by the learner" if (alg.behaviour_logp == "recompute" or alg.tis) else "from the rollout engine"
@@ -33,7 +34,8 @@ def plan_text(cfg) -> str:
         f"  lag           mini-batch k of a step trains on data k policy versions old: k = 0..{N - 1} "
         f"(expected mean {(N - 1) / 2:g}, max {N - 1})",
         f"  samples       {tb} prompts x {n} responses = {tb * n} per step; {mb} prompts = {mb * n} responses per "
-        f"mini-batch; micro-batch {micro} (gradient accumulation {mb * n // micro})",
+        f"mini-batch; micro-batch {micro} (gradient accumulation {mb * n // lw // micro}"
+        + (f" on each of {lw} learner ranks)" if lw > 1 else ")"),
         f"  run           {cfg.trainer.total_steps} steps = {cfg.trainer.total_steps * N} optimizer steps, "
         f"{cfg.trainer.total_steps * tb * n:,} samples; task {cfg.task.name} "
         f"({len(task_prompts(cfg.task))} prompts), format warm-up {cfg.task.warmup_steps} steps",
@@ -41,8 +43,10 @@ def plan_text(cfg) -> str:
         + (f"; TIS cap {alg.tis_cap}" if alg.tis else ""),
         f"  model         {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size} hidden, "
         f"built in-process (seed {cfg.trainer.seed})",
-        "  actors        learner x1 (DeepSpeed ZeRO-{z}, AdamW lr {lr:g}, {c:g} CPU); rollout x{r} ({b}, {d}, "
-        "T={t:g}, {rc:g} CPU each); reward x{w} ({p} processes, {to:g}s per call)".format(
+        "  actors        learner x{lw} (DeepSpeed ZeRO-{z}, {world}, AdamW lr {lr:g}, {c:g} CPU{each}); rollout x{r} "
+        "({b}, {d}, T={t:g}, {rc:g} CPU each); reward x{w} ({p} processes, {to:g}s per call)".format(
+            lw=lw, world=f"world size {lw}: {mb * n // lw} responses per rank per mini-batch" if lw > 1 else
+            "world size 1", each=" each" if lw > 1 else "",
             z=cfg.actor.zero_stage, lr=cfg.actor.lr, c=cfg.actor.num_cpus, r=cfg.rollout.num_workers,
             b=cfg.rollout.backend, d=cfg.rollout.dtype, t=cfg.rollout.temperature, rc=cfg.rollout.num_cpus,
             w=cfg.reward.num_workers, p=cfg.reward.num_procs, to=cfg.reward.timeout_s),
