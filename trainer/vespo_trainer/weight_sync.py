@@ -54,8 +54,8 @@ def publish(model, bucket_mb: float, gather=None, *, put: bool = True, stats: Op
         ctx = gather([params[n] for n in names if n in params]) if gather else contextlib.nullcontext()
         with ctx:
             peak = max(peak, sum(p.data.numel() * p.element_size() for p in model.parameters()))
-            if put:
-                refs.append(ray.put({n: bucket[n].detach().to("cpu", copy=gather is not None) for n in names}))
+            if put:  # copy: a parameter may be a view into a flat buffer (ZeRO 1-2), which pickles whole
+                refs.append(ray.put({n: bucket[n].detach().to("cpu", copy=True) for n in names}))
         count += 1
     if stats is not None:
         stats.update(buckets=count, resident_peak_bytes=peak)
