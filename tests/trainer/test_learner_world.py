@@ -31,9 +31,9 @@ BUCKET_MB = 0.01  # ~10 KiB: the tiny model (44 KB) travels in ~5 buckets
 def _cfg(tmp_path, stage: int, world: int):
     # 2 prompts x 4 responses = 8 rows per mini-batch: 4 per rank, in micro-batches of 2 (accumulation);
     # TIS: old log-probs recomputed by the learner, so the mismatch metrics are merged too
-    return load_tiny(tmp_path, f"actor.zero_stage={stage}", f"actor.num_workers={world}", "actor.num_cpus=0.5",
-                     "actor.ppo_mini_batch_size=2", "actor.micro_batch_size=2", "actor.zero3_persist_numel=0",
-                     "algorithm.tis=true", "actor.lr=0.01")
+    return load_tiny(tmp_path, "trainer.device=cpu", f"actor.zero_stage={stage}", f"actor.num_workers={world}",
+                     "actor.num_cpus=0.5", "actor.ppo_mini_batch_size=2", "actor.micro_batch_size=2",
+                     "actor.zero3_persist_numel=0", "algorithm.tis=true", "actor.lr=0.01")
 
 
 def _batch(cfg, seed: int) -> dict:
@@ -225,7 +225,8 @@ def test_resources_count_every_rank(monkeypatch):
     whole = plan_resources(gpu, {"CPU": 8.0, "GPU": 3.0})  # one GPU per rank and per rollout worker
     assert whole["learner"]["num_gpus"] == whole["rollout"]["num_gpus"] == 1.0
     shared = plan_resources(gpu, {"CPU": 8.0, "GPU": 2.0})  # > 1/2 per rank: never two NCCL ranks on one GPU
-    assert shared["learner"]["num_gpus"] > 0.5 and 2 * shared["learner"]["num_gpus"] + shared["rollout"]["num_gpus"] <= 2
+    lg, rg = shared["learner"]["num_gpus"], shared["rollout"]["num_gpus"]
+    assert lg > 0.5 and 0 < rg <= 1 - lg
     with pytest.raises(RuntimeError, match="one GPU per rank"):
         plan_resources(load_config(None, ["trainer.device=cuda", "actor.num_workers=2", "actor.num_gpus=0.5"]),
                        {"CPU": 8.0, "GPU": 2.0})

@@ -9,7 +9,7 @@ data from version v. The lag is measured, not inferred: for every sample the lea
 Data parallel (actor.num_workers = W ranks, one DeepSpeed world; learner_group.LearnerGroup drives
 them): every rank receives the whole batch and trains on its own contiguous 1/W of the rows of each
 mini-batch. The loss of a rank is divided by the GLOBAL normaliser of the mini-batch (token or
-sequence count over all ranks), so the ranks' losses add up to the 1-rank loss; see `train_batch`
+sequence count over all ranks), so the ranks' losses add up to the 1-rank loss; see `Learner._accumulate`
 for the factor W that undoes DeepSpeed's averaging of the gradients.
 """
 from __future__ import annotations
