@@ -83,8 +83,11 @@ def _collect(method: str, setup_refs: list, refs: list):
             value = ray.get(ref)
         except Exception as exc:  # RayTaskError (the rank raised) or RayActorError (it died)
             what = "set-up" if ref in setup_refs else method
+            cause = getattr(exc, "cause", None)  # a RayTaskError carries the rank's own exception
+            cause = cause if isinstance(cause, BaseException) else exc
+            trace = f"\n--- the rank's traceback ---\n{exc}" if cause is not exc else ""
             raise LearnerFailed(f"learner rank {index[ref]} of {len(refs)} failed in {what}: "
-                                f"{type(exc).__name__}: {exc}") from None
+                                f"{type(cause).__name__}: {cause}{trace}") from None
         if ref not in setup_refs:
             results[index[ref]] = value
     return MERGE[method](results)
