@@ -17,11 +17,13 @@ The answers have the shapes of the 1-rank Learner's:
     info, save   rank 0's answer (plus "world_size" in info);  load  the version all ranks agree on
     warmup       per-step losses summed over ranks
 
-A learner failure is fatal: nothing is restarted here; the driver stops (cluster.stop_actors ->
-kill) and may resume the run from its last checkpoint.
+Calls may come from several driver threads: they reach every rank in the same order (a lock), as
+the ranks' collectives require. A learner failure is fatal: nothing is restarted here; the driver
+stops (cluster.stop_actors -> kill) and may resume the run from its last checkpoint.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Dict, List
 
 from .learner_metrics import finish_train_metrics, merge_warmup
@@ -117,7 +119,8 @@ class _Method:
         g = self.group
         if len(g.ranks) > 1:
             args = tuple(ray.put(a) for a in args)  # one copy in the object store for all ranks
-        refs = [getattr(a, self.name).remote(*args) for a in g.ranks]
+        with g.lock:  # every rank must see the calls in the same order (their collectives pair up)
+            refs = [getattr(a, self.name).remote(*args) for a in g.ranks]
         return _collector().remote(self.name, g.setup_refs, refs)
 
 
@@ -130,6 +133,7 @@ class LearnerGroup:
         from .learner import Learner
 
         world = cfg.actor.num_workers
+        self.lock = threading.Lock()
         cls = ray.remote(Learner).options(**options)
         if world == 1:
             self.ranks = [cls.remote(cfg)]
