@@ -212,6 +212,36 @@ def test_world_config_errors(overrides, key, words):
     assert str(err.value).startswith(key) and words in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("loss", ["vespo", "grpo"])
+def test_metrics_of_parts_merge_to_the_metrics_of_the_whole(loss):
+    """Counts add, max/min, means weighted by what they average over, pooled std: the op's metrics of
+    a batch equal the merge of its parts' (uneven parts, one of them with no counted token)."""
+    import vespo_ext
+
+    from vespo_trainer.learner_metrics import merge_loss_metrics
+
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 12, 5, 11
+    logits, labels = torch.randn(B, L, V, generator=g), torch.randint(V, (B, L), generator=g)
+    old = -2.4 + 0.6 * torch.randn(B, L, generator=g)
+    adv = torch.randn(B, generator=g)
+    mask = torch.rand(B, L, generator=g) < 0.7
+    mask[8:10] = False  # the third part counts nothing
+
+    def metrics(rows):
+        _, m = vespo_ext.policy_loss(logits[rows], labels[rows], old[rows], adv[rows], mask[rows], loss=loss,
+                                     return_metrics=True)
+        return {k: float(v) for k, v in m.items()}
+
+    whole = metrics(slice(0, B))
+    merged = merge_loss_metrics([metrics(slice(0, 3)), metrics(slice(3, 8)), metrics(slice(8, 10)),
+                                 metrics(slice(10, 12))])
+    assert merged.keys() == whole.keys()
+    for k in whole:
+        assert math.isclose(merged[k], whole[k], rel_tol=1e-5, abs_tol=1e-6), (k, merged[k], whole[k])
+    assert whole["n_seq"] == 10 and whole["w_seq_std"] > 0 and whole["w_seq_max"] > whole["w_seq_min"]
+
+
 def test_resources_count_every_rank(monkeypatch):
     from vespo_trainer.cluster import plan_resources
     from vespo_trainer.config import load_config
