@@ -1,6 +1,6 @@
 """The learner as a DeepSpeed world of 2 Ray actors (gloo on CPU) against the same learner with 1 rank.
 
-The same batches go to a 1-rank learner (ZeRO-1, the reference) and to 2-rank learners with ZeRO-1,
+The same batches go to a 1-rank learner (ZeRO-1, the reference) and to 2-rank learners with ZeRO-0, 1,
 2 and 3: every rank trains on half of each mini-batch with the loss divided by the mini-batch's
 global normaliser and scaled by 2 for DeepSpeed's averaging, so the loss curve, the merged metrics,
 the provenance and the weights must match the reference. They match up to floating-point reduction
@@ -80,10 +80,10 @@ def _train(group, batches, save_at=None, ckpt_dir=None):
     return outs, _weights(pub), pub
 
 
-def _assert_same_run(got, ref, what):
+def _assert_same_run(got, ref, what, skip=()):
     for step, (a, b) in enumerate(zip(got, ref)):
         assert a["provenance"] == b["provenance"], f"{what}: provenance of call {step} differs"
-        keys = {k for k in b["metrics"] if not k.startswith("time/")}
+        keys = {k for k in b["metrics"] if not k.startswith("time/") and k not in skip}
         assert keys == {k for k in a["metrics"] if not k.startswith("time/")}, what
         for k in sorted(keys):
             va, vb = a["metrics"][k], b["metrics"][k]
@@ -114,8 +114,8 @@ def reference(tmp_path_factory, ray_cluster):
     group.kill()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_two_ranks_zero12_match_one_rank(stage, reference, tmp_path):
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_two_ranks_zero012_match_one_rank(stage, reference, tmp_path):
     from vespo_trainer.learner_group import LearnerGroup
 
     group = LearnerGroup(_cfg(tmp_path, stage, 2), {"num_cpus": 0.5, "num_gpus": 0})
@@ -123,7 +123,8 @@ def test_two_ranks_zero12_match_one_rank(stage, reference, tmp_path):
         outs, weights, _ = _train(group, reference["batches"])
     finally:
         group.kill()
-    _assert_same_run(outs, reference["outs"], f"ZeRO-{stage} x2")
+    # DeepSpeed reports no gradient norm without ZeRO (it clips, but keeps no norm), with 1 rank or 2
+    _assert_same_run(outs, reference["outs"], f"ZeRO-{stage} x2", skip=("actor/grad_norm",) if stage == 0 else ())
     _assert_same_weights(weights, reference["weights"], f"ZeRO-{stage} x2")
 
 
