@@ -243,6 +243,39 @@ def test_metrics_of_parts_merge_to_the_metrics_of_the_whole(loss):
     assert whole["n_seq"] == 10 and whole["w_seq_std"] > 0 and whole["w_seq_max"] > whole["w_seq_min"]
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("loss", ["vespo", "gspo"])
+def test_rank_losses_with_the_global_normaliser_add_up_to_the_whole(loss, agg):
+    """What makes W ranks equal 1 rank, for every aggregation: the losses of the row shards, each
+    divided by Learner._norm of the whole mini-batch, sum to the op's loss of the whole mini-batch,
+    and so do their gradients."""
+    import types
+
+    import vespo_ext
+
+    from vespo_trainer.config import load_config
+    from vespo_trainer.learner import Learner
+
+    g = torch.Generator().manual_seed(1)
+    B, L, V = 8, 6, 13
+    logits = torch.randn(B, L, V, generator=g, requires_grad=True)
+    labels, old = torch.randint(V, (B, L), generator=g), -2.5 + 0.5 * torch.randn(B, L, generator=g)
+    adv, mask = torch.randn(B, generator=g), torch.rand(B, L, generator=g) < 0.6
+    mask[5] = False
+    rank = types.SimpleNamespace(gas=1, world=2, cfg=load_config(None, [f"algorithm.loss={loss}",
+                                                                        f"algorithm.agg={agg}"]))
+    norm = Learner._norm(rank, mask)
+    kw = dict(loss=loss, agg=agg)
+    whole = vespo_ext.policy_loss(logits, labels, old, adv, mask, **kw)
+    (g_whole,) = torch.autograd.grad(whole, logits)
+    parts = sum(vespo_ext.policy_loss(logits[r], labels[r], old[r], adv[r], mask[r], norm=norm, **kw)
+                for r in (slice(0, 4), slice(4, 8)))
+    (g_parts,) = torch.autograd.grad(parts, logits)
+    whole, parts = float(whole.detach()), float(parts.detach())
+    assert whole != 0 and math.isclose(parts, whole, rel_tol=1e-5, abs_tol=1e-7)
+    assert torch.allclose(g_parts, g_whole, rtol=1e-5, atol=1e-7)
+
+
 def test_resources_count_every_rank(monkeypatch):
     from vespo_trainer.cluster import plan_resources
     from vespo_trainer.config import load_config
