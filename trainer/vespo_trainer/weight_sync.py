@@ -45,8 +45,11 @@ def publish(model, bucket_mb: float, gather=None, *, put: bool = True, stats: Op
     params = dict(model.named_parameters())
     tensors = []
     for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in seen:  # tied weights (embedding = lm_head) are one tensor object: they travel once
-            seen.add(id(t))
+        # tied weights (embedding = lm_head) travel once: the same object, or the same storage; a
+        # ZeRO-3 parameter is empty outside a gather, so only its identity tells
+        key = (t.data_ptr(), tuple(t.shape)) if t.numel() else id(t)
+        if key not in seen:
+            seen.add(key)
             tensors.append((name, t))
     peak, count = 0, 0
     for bucket in iter_buckets(tensors, bucket_mb):
