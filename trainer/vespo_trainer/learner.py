@@ -200,7 +200,7 @@ class Learner:
         """N = rows / mini-batch optimizer steps on `batch` (every rank gets the whole batch).
 
         Returns {"metrics", "provenance"} of THIS rank's rows, and "parts": the raw per-mini-batch
-        numbers from which LearnerGroup merges the metrics of all ranks (learner_metrics.train_metrics).
+        numbers from which LearnerGroup merges the metrics of all ranks (learner_metrics.finish_train_metrics).
         """
         import vespo_ext
 
@@ -215,7 +215,8 @@ class Learner:
         # this rank's rows: a contiguous 1/W of each mini-batch; local mini-batch k = local rows k*per..(k+1)*per
         shard = self._shard(mb)
         mine = torch.cat([torch.arange(k * mb + shard.start, k * mb + shard.stop) for k in range(n_mb)])
-        batch = {key: v[mine] if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+        batch = {key: v[mine] if isinstance(v, torch.Tensor) and v.dim() and len(v) == B else v
+                 for key, v in batch.items()}
         mask = batch["response_mask"]
         rollout_logp = batch["old_logp"]
         old_logp, is_w, mismatch = rollout_logp, None, None
