@@ -150,14 +150,19 @@ class AlgorithmConfig:
 class ActorConfig:
     ppo_mini_batch_size: int = _f(8, "prompts per optimizer step (x rollout.n responses); "
                                      "staleness N = data.train_batch_size / ppo_mini_batch_size")
-    micro_batch_size: int = _f(0, "responses per forward/backward (gradient accumulation); 0: the whole mini-batch")
+    micro_batch_size: int = _f(0, "responses per forward/backward on each learner rank (gradient accumulation); "
+                                  "0: the rank's whole share of the mini-batch")
     lr: float = _f(3e-4, "AdamW learning rate (constant)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     betas: List[float] = _f([0.9, 0.999], "AdamW betas")
     grad_clip: float = _f(1.0, "gradient norm clipping (0: off)")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0-3)")
-    num_cpus: float = _f(1.0, "CPUs Ray reserves for the learner actor")
-    num_gpus: float = _f(-1.0, "GPUs for the learner actor (-1: 1 on cuda, 0 on cpu)")
+    num_workers: int = _f(1, "learner ranks: Ray actors forming one DeepSpeed data-parallel world (gloo on cpu, "
+                             "NCCL on cuda, one GPU each); every mini-batch is split evenly over them")
+    zero3_persist_numel: int = _f(100000, "ZeRO-3: parameters with fewer elements stay whole on every rank "
+                                          "(DeepSpeed's stage3_param_persistence_threshold); 0 partitions all")
+    num_cpus: float = _f(1.0, "CPUs Ray reserves for each learner rank")
+    num_gpus: float = _f(-1.0, "GPUs for each learner rank (-1: 1 on cuda, 0 on cpu)")
 
     def __post_init__(self):
         _check(self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size", "must be >= 1")
@@ -166,6 +171,8 @@ class ActorConfig:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "actor.betas", "two values in [0, 1)")
         _check(self.grad_clip >= 0, "actor.grad_clip", "must be >= 0")
         _check(self.zero_stage in (0, 1, 2, 3), "actor.zero_stage", f"must be 0, 1, 2 or 3; got {self.zero_stage}")
+        _check(self.num_workers >= 1, "actor.num_workers", f"must be >= 1; got {self.num_workers}")
+        _check(self.zero3_persist_numel >= 0, "actor.zero3_persist_numel", "must be >= 0")
         _check(self.num_cpus >= 0, "actor.num_cpus", "must be >= 0")
 
 
@@ -317,9 +324,17 @@ class Config:
                f"{tb} is not a multiple of actor.ppo_mini_batch_size={mb} (staleness N = train_batch_size / "
                "ppo_mini_batch_size must be a whole number)")
         _check(n >= 2, "rollout.n", f"GRPO group advantages need at least 2 responses per prompt; got {n}")
+        w = self.actor.num_workers
+        _check((mb * n) % w == 0, "actor.num_workers",
+               f"the mini-batch's {mb} x {n} = {mb * n} responses must split evenly over the {w} learner ranks")
         if self.actor.micro_batch_size:
-            _check((mb * n) % self.actor.micro_batch_size == 0, "actor.micro_batch_size",
-                   f"must divide the mini-batch's {mb} x {n} = {mb * n} responses; got {self.actor.micro_batch_size}")
+            share = f"the mini-batch's {mb} x {n} = {mb * n} responses" if w == 1 else \
+                f"each learner rank's {mb * n // w} of the mini-batch's {mb} x {n} = {mb * n} responses"
+            _check((mb * n // w) % self.actor.micro_batch_size == 0, "actor.micro_batch_size",
+                   f"must divide {share}; got {self.actor.micro_batch_size}")
+        if self.task.warmup_steps:
+            _check(self.task.warmup_batch_size % w == 0, "task.warmup_batch_size",
+                   f"must split evenly over actor.num_workers={w} learner ranks; got {self.task.warmup_batch_size}")
         if self.trainer.mode == "async":
             chunk = self.async_.rollout_chunk or self.rollout_chunk
             _check(chunk <= self.async_window, "async.rollout_chunk",

@@ -10,7 +10,8 @@ node); a dict of torch tensors would be pickled tensor by tensor (measured here:
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, List
+import contextlib
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -30,11 +31,16 @@ def iter_buckets(named_tensors: Iterable, bucket_mb: float) -> Iterator[Dict[str
         yield bucket
 
 
-def publish(model, bucket_mb: float, gather=None) -> List:
+def publish(model, bucket_mb: float, gather=None, *, put: bool = True, stats: Optional[dict] = None) -> List:
     """Put the weights in the object store; returns the bucket refs in order.
 
     `gather` (optional) is a context-manager factory that makes a list of parameters whole
-    (DeepSpeed ZeRO-3 GatheredParameters); without it the tensors are read as they are.
+    (DeepSpeed ZeRO-3 GatheredParameters, a collective: every rank must walk the same buckets);
+    without it the tensors are read as they are. put=False walks (and gathers) without putting:
+    the other ranks of a ZeRO-3 world. `stats`, if given, receives "buckets" and
+    "resident_peak_bytes": the most full-size parameter bytes held at once while a bucket was
+    gathered (the whole model without ZeRO-3; about one bucket plus the persistent small
+    parameters with it).
     """
     import ray
 
@@ -42,18 +48,23 @@ def publish(model, bucket_mb: float, gather=None) -> List:
     params = dict(model.named_parameters())
     tensors = []
     for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.data_ptr(), t.shape) if t.numel() else None
-        if key is None or key not in seen:  # tied weights (embedding = lm_head) travel once
+        # tied weights (embedding = lm_head) travel once: the same object, or the same storage; a
+        # ZeRO-3 parameter is empty outside a gather, so only its identity tells
+        key = (t.data_ptr(), tuple(t.shape)) if t.numel() else id(t)
+        if key not in seen:
             seen.add(key)
             tensors.append((name, t))
+    peak, count = 0, 0
     for bucket in iter_buckets(tensors, bucket_mb):
         names = list(bucket)
-        ctx = gather([params[n] for n in names if n in params]) if gather else None
-        if ctx is not None:
-            with ctx:
+        ctx = gather([params[n] for n in names if n in params]) if gather else contextlib.nullcontext()
+        with ctx:
+            peak = max(peak, sum(p.data.numel() * p.element_size() for p in model.parameters()))
+            if put:  # pack_bucket copies into one flat buffer (a view into a ZeRO 1-2 flat buffer never travels)
                 refs.append(ray.put(pack_bucket(bucket)))
-        else:
-            refs.append(ray.put(pack_bucket(bucket)))
+        count += 1
+    if stats is not None:
+        stats.update(buckets=count, resident_peak_bytes=peak)
     return refs
 
 
