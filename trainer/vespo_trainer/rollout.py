@@ -103,10 +103,8 @@ class RolloutWorker:
                     still.append(i)
             remaining -= new.shape[1]
             active, segment = still, segment + 1
-        out = self._pack(prompts, prompt_tok, toks, logps, vers, uid_base, group_uids)
-        out["stats"] = {"gen_s": time.perf_counter() - t0, "ended_frac": out.pop("_ended_frac"),
-                        "threads": self.threads, "response_tokens": int(out["response_mask"].sum()),
-                        "segments": segment}
+        out = pack_responses(self.tok, n, prompts, prompt_tok, toks, logps, vers, uid_base, group_uids)
+        out["stats"].update(gen_s=time.perf_counter() - t0, threads=self.threads, segments=segment)
         return out
 
     def _sample(self, seqs: List[List[int]], max_new: int, seed: int, interruptible: bool) -> tuple:
@@ -133,43 +131,46 @@ class RolloutWorker:
         logits = torch.stack(out.logits, 1).float()
         return new.cpu(), vespo_ext.token_logprobs(logits, new, temperature=rc.temperature).cpu()
 
-    def _pack(self, prompts, prompt_tok, toks, logps, vers, uid_base, group_uids) -> dict:
-        """Padded tensors of a finished call (prompts left-padded, responses right-padded)."""
-        n, B = self.cfg.rollout.n, len(toks)
-        prompt_ids, prompt_mask = self.tok.pad_left(prompt_tok)
-        L = max(1, max(len(t) for t in toks))
-        responses = torch.full((B, L), self.tok.pad_token_id, dtype=torch.long)
-        old_logp = torch.zeros((B, L), dtype=torch.float32)
-        token_version = torch.zeros((B, L), dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.bool)
-        for i, (t, lp, v) in enumerate(zip(toks, logps, vers)):
-            k = len(t)
-            if k:
-                responses[i, :k] = torch.tensor(t)
-                old_logp[i, :k] = torch.tensor(lp)
-                token_version[i, :k] = torch.tensor(v)
-                token_version[i, k:] = v[-1]
-                mask[i, :k] = True
-        if group_uids is None:
-            uid = torch.arange(uid_base, uid_base + B, dtype=torch.long)
-        else:
-            uid = torch.tensor([g + j for g in group_uids for j in range(n)], dtype=torch.long)
-        ended = [bool(t) and t[-1] in set(self.tok.eos_token_ids) for t in toks]
-        return {
-            "input_ids": torch.cat([prompt_ids, responses], 1),   # (B, P + L) prompt (left-padded) + response
-            "attention_mask": torch.cat([prompt_mask, mask.long()], 1),
-            "prompt_len": prompt_ids.shape[1],
-            "responses": responses,                                # (B, L)
-            "response_mask": mask,                                 # (B, L) bool: tokens up to and incl. EOS
-            "old_logp": old_logp,                                  # (B, L) behaviour log-probs (rollout engine)
-            "token_version": token_version,                        # (B, L) policy version that sampled each token
-            "uid": uid,
-            "prompt_id": torch.tensor([p.prompt_id for p in prompts], dtype=torch.long).repeat_interleave(n),
-            "texts": [self.tok.decode(t) for t in toks],
-            "prompts": [p.text for p in prompts for _ in range(n)],
-            "ground_truths": [p.ground_truth for p in prompts for _ in range(n)],
-            "_ended_frac": sum(ended) / max(B, 1),
-        }
+def pack_responses(tok, n: int, prompts: List[Prompt], prompt_tok, toks, logps, vers, uid_base: int,
+                   group_uids: Optional[List[int]]) -> dict:
+    """The batch of one generate call, from per-response token / log-prob / version lists (any engine):
+    prompts left-padded, responses right-padded, the mask up to and including EOS."""
+    B = len(toks)
+    prompt_ids, prompt_mask = tok.pad_left(prompt_tok)
+    L = max(1, max(len(t) for t in toks))
+    responses = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
+    old_logp = torch.zeros((B, L), dtype=torch.float32)
+    token_version = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.bool)
+    for i, (t, lp, v) in enumerate(zip(toks, logps, vers)):
+        k = len(t)
+        if k:
+            responses[i, :k] = torch.tensor(t)
+            old_logp[i, :k] = torch.tensor(lp)
+            token_version[i, :k] = torch.tensor(v)
+            token_version[i, k:] = v[-1]
+            mask[i, :k] = True
+    if group_uids is None:
+        uid = torch.arange(uid_base, uid_base + B, dtype=torch.long)
+    else:
+        uid = torch.tensor([g + j for g in group_uids for j in range(n)], dtype=torch.long)
+    eos = set(tok.eos_token_ids)
+    ended = [bool(t) and t[-1] in eos for t in toks]
+    return {
+        "input_ids": torch.cat([prompt_ids, responses], 1),   # (B, P + L) prompt (left-padded) + response
+        "attention_mask": torch.cat([prompt_mask, mask.long()], 1),
+        "prompt_len": prompt_ids.shape[1],
+        "responses": responses,                                # (B, L)
+        "response_mask": mask,                                 # (B, L) bool: tokens up to and incl. EOS
+        "old_logp": old_logp,                                  # (B, L) behaviour log-probs (rollout engine)
+        "token_version": token_version,                        # (B, L) policy version that sampled each token
+        "uid": uid,
+        "prompt_id": torch.tensor([p.prompt_id for p in prompts], dtype=torch.long).repeat_interleave(n),
+        "texts": [tok.decode(t) for t in toks],
+        "prompts": [p.text for p in prompts for _ in range(n)],
+        "ground_truths": [p.ground_truth for p in prompts for _ in range(n)],
+        "stats": {"ended_frac": sum(ended) / max(B, 1), "response_tokens": int(mask.sum())},
+    }
 
 
 def _pause_criteria(worker: RolloutWorker):

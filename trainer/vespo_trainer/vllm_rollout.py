@@ -49,6 +49,7 @@ from typing import List, Optional
 import torch
 
 from .model import build_model
+from .rollout import pack_responses
 from .runtime import quiet_libraries, set_threads, stable_seed
 from .task import Prompt, make_tokenizer, max_positions
 
@@ -133,38 +134,13 @@ class VllmRolloutWorker:
                   for i in range(len(encoded))]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         samples = [o.outputs[0] for o in outs]
-        B, L = len(samples), max(len(s.token_ids) for s in samples)
-        responses = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
-        old_logp = torch.zeros((B, L), dtype=torch.float32)
-        length = torch.zeros(B, dtype=torch.long)
-        for i, s in enumerate(samples):
-            ids = list(s.token_ids)
-            length[i] = len(ids)
-            responses[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            # logprobs=0: each step's dict holds the sampled token (plus nothing else)
-            old_logp[i, :len(ids)] = torch.tensor([s.logprobs[j][t].logprob for j, t in enumerate(ids)])
-        mask = torch.arange(L)[None, :] < length[:, None]   # up to and including EOS (a stop token is kept)
-        ended = (torch.isin(responses, torch.tensor(list(tok.eos_token_ids))) & mask).any(1)
-        prompt_ids, prompt_mask = tok.pad_left(encoded)
-        texts = [tok.decode(r[: int(ln)].tolist()) for r, ln in zip(responses, length)]
-        gen_s = time.perf_counter() - t0
-        return {
-            "input_ids": torch.cat([prompt_ids, responses], 1),   # (B, P + L) prompt (left-padded) + response
-            "attention_mask": torch.cat([prompt_mask, mask.long()], 1),
-            "prompt_len": prompt_ids.shape[1],
-            "responses": responses,                                # (B, L)
-            "response_mask": mask,                                 # (B, L) bool: tokens up to and incl. EOS
-            "old_logp": old_logp,                                  # (B, L) behaviour log-probs (vLLM, at T)
-            "token_version": torch.full((B, L), self.version, dtype=torch.long),
-            "uid": (torch.arange(uid_base, uid_base + B, dtype=torch.long) if group_uids is None else
-                    torch.tensor([g + j for g in group_uids for j in range(n)], dtype=torch.long)),
-            "prompt_id": torch.tensor([p.prompt_id for p in prompts], dtype=torch.long).repeat_interleave(n),
-            "texts": texts,
-            "prompts": [p.text for p in prompts for _ in range(n)],
-            "ground_truths": [p.ground_truth for p in prompts for _ in range(n)],
-            "stats": {"gen_s": gen_s, "ended_frac": float(ended.float().mean()), "threads": self.threads,
-                      "response_tokens": int(mask.sum()), "segments": 1},
-        }
+        toks = [list(s.token_ids) for s in samples]  # up to and including EOS (a stop token is kept)
+        # logprobs=0: each step's dict holds the sampled token (plus nothing else)
+        logps = [[s.logprobs[j][t].logprob for j, t in enumerate(ids)] for s, ids in zip(samples, toks)]
+        vers = [[self.version] * len(ids) for ids in toks]
+        out = pack_responses(tok, n, prompts, encoded, toks, logps, vers, uid_base, group_uids)
+        out["stats"].update(gen_s=time.perf_counter() - t0, threads=self.threads, segments=1)
+        return out
 
 
 def _reprepare_tied_lm_head(model) -> bool:
