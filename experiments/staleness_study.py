@@ -54,9 +54,11 @@ ASYNC = ["trainer.mode=async", "async.trigger_parameter_sync_step=4", "async.sta
 SMOKE = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
          "model.intermediate_size=64", "rollout.n=4", "task.warmup_steps=4", "task.warmup_batch_size=16",
          "reward.num_procs=1"]
-# Measured on the 2-vCPU machine (docs/staleness_study.md): seconds per optimizer step of MINI_BATCH
-# prompts x 8 responses (bf16 rollout), and per run start (Ray, actors, warm-up) -- for --dry-run.
-SEC_PER_OPT_STEP = {"sync": 0.055, "async": 0.06}
+# For --dry-run's estimate; measured on the shared 2-vCPU machine with two runs at a time
+# (docs/staleness_study.md): seconds per optimizer step of MINI_BATCH prompts x 8 responses, per
+# rollout step (sync: generate, score, weight sync), and per run start (Ray, actors, warm-up).
+SEC_PER_OPT_STEP = {"sync": 0.05, "async": 0.06}
+SEC_PER_ROLLOUT_STEP = 0.025
 SEC_PER_START = 25.0
 
 
@@ -110,8 +112,9 @@ def run_status(run_dir: str, total_steps: int) -> str:
 
 
 def estimate_s(run: Run) -> float:
-    mode = "async" if run.setting == "async" else "sync"
-    return SEC_PER_START + run.total_steps * run.opt_steps_per_record * SEC_PER_OPT_STEP[mode]
+    if run.setting == "async":
+        return SEC_PER_START + run.total_steps * SEC_PER_OPT_STEP["async"]
+    return SEC_PER_START + run.total_steps * (SEC_PER_ROLLOUT_STEP + run.opt_steps_per_record * SEC_PER_OPT_STEP["sync"])
 
 
 def _fmt(s: float) -> str:
@@ -170,8 +173,11 @@ def cmd_run(args, runs: List[Run]) -> int:
             st = run_status(os.path.join(args.out, r.name), r.total_steps)
             print(f"  {r.name:<18} {st:<8} total_steps={r.total_steps:<5} est {_fmt(estimate_s(r))}  "
                   f"vespo train {' '.join(r.overrides)}")
-        print(f"estimated time: {_fmt(est)} of one core; about {_fmt(est / max(1, min(args.jobs, 2)))} wall with "
-              f"--jobs {args.jobs} on 2 free cores (async runs use ~2 cores each; timings in docs/staleness_study.md)")
+        par = max(1, min(args.jobs, 2))
+        full = sum(estimate_s(r) for r in runs)
+        print(f"estimated time: {_fmt(est)} of one core left ({_fmt(full)} for all {len(runs)}); about "
+              f"{_fmt(est / par)} wall with --jobs {args.jobs} on 2 free cores ({_fmt(full / par)} for all); "
+              "measured costs in docs/staleness_study.md")
         return 0
     _check_design(args.out, design(args), args.force)
     t0, done, failed, active = time.time(), 0, [], []
@@ -182,7 +188,15 @@ def cmd_run(args, runs: List[Run]) -> int:
             proc, log = _launch(r, args.out)
             active.append((r, proc, log, time.time()))
             print(f"[{time.strftime('%H:%M:%S')}] start {r.name}", flush=True)
-        time.sleep(1.0)
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:  # the runs got the Ctrl-C too: each saves a checkpoint and stops
+            print("Ctrl-C: waiting for the runs in progress to checkpoint and stop; rerun the same command to "
+                  "continue", flush=True)
+            for _, proc, log, _ in active:
+                proc.wait()
+                log.close()
+            return 130
         for item in list(active):
             r, proc, log, t_start = item
             if proc.poll() is None:
@@ -281,6 +295,7 @@ def run_summary(run_dir: str, run: Run, opt_steps: int) -> Optional[dict]:
         "run": run.name, "setting": run.setting, "loss": run.loss, "seed": run.seed,
         "complete": run_status(run_dir, run.total_steps) == "done", "opt_steps": per * len(rows),
         "final_reward": _mean(last), **collapse(xs, sm),
+        "steps_to_half": next((x for x, v in zip(xs, sm) if v >= 0.5), None),
         "phi_mean": _mean([r.get("vespo/phi_mean") for r in rows]),
         "phi_min": min((r["vespo/phi_min"] for r in rows if r.get("vespo/phi_min") is not None), default=float("nan")),
         "w_mean": _mean([r.get("vespo/w_seq_mean") for r in rows]),
@@ -308,7 +323,7 @@ def _g(v, fmt=".3g"):
 
 
 def table(summaries: List[dict], settings: List[str], losses) -> str:
-    head = ("| setting | loss | seeds | final reward (mean ± std) | peak | collapsed (at opt. step) | "
+    head = ("| setting | loss | seeds | final reward (mean ± std) | peak | opt. steps to 0.5 | collapsed (at opt. step) | "
             "φ mean | φ min | W mean | W max | clip frac | lag mean / max |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in settings:
@@ -324,9 +339,12 @@ def table(summaries: List[dict], settings: List[str], losses) -> str:
                 coll += f"; {len(nl)} never learned"
             if any(r["non_finite"] for r in rs):
                 coll += "; non-finite metrics"
+            reached = [r["steps_to_half"] for r in rs if r["steps_to_half"] is not None]
+            t50 = (f"{_mean(reached):.0f}" if reached else "never") + ("" if len(reached) in (0, len(rs)) else
+                                                                      f" ({len(reached)}/{len(rs)} seeds)")
             lines.append(
                 f"| {s} | {loss} | {seeds} | {_pm([r['final_reward'] for r in rs])} | "
-                f"{_mean([r['peak'] for r in rs]):.3f} | {coll} | {_g(_mean([r['phi_mean'] for r in rs]))} | "
+                f"{_mean([r['peak'] for r in rs]):.3f} | {t50} | {coll} | {_g(_mean([r['phi_mean'] for r in rs]))} | "
                 f"{_g(min(r['phi_min'] for r in rs))} | {_g(_mean([r['w_mean'] for r in rs]))} | "
                 f"{_g(max(r['w_max'] for r in rs))} | {_g(_mean([r['clip_frac'] for r in rs]), '.2f')} | "
                 f"{_mean([r['lag_mean'] for r in rs]):.1f} / {max(r['lag_max'] for r in rs)} |")
