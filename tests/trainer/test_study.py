@@ -35,8 +35,12 @@ def test_collapse_detection():
     dip_and_recover = rise_fall[:80] + [0.7] * 20  # below half of the gain for a while, then back: not a collapse
     assert not st.collapse(xs, dip_and_recover)["collapsed"]
     flat = [0.1] * 50 + [0.15] * 50  # never rose by MIN_GAIN
-    c = st.collapse(xs[:100], flat)
+    c = st.collapse(xs, flat)
     assert not c["learned"] and not c["collapsed"]
+    dies = [0.1] * 30 + [0.0] * 70  # never learned, fell to 0 below its chance level: a collapse too
+    c = st.collapse(xs, dies)
+    assert not c["learned"] and c["collapsed"] and c["collapse_x"] == 30
+    assert not st.collapse(xs, [0.1] * 30 + [0.07] * 70)["collapsed"]  # above half the start level
     # trailing-window mean in x units
     assert st.smooth([0, 1, 2, 3], [1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     # x = the policy version that generated a record's samples: sync N=4 rollout step s -> 4s
