@@ -98,13 +98,22 @@ def test_smoke_grid_and_summary(tmp_path, ray_cluster):
     grid = ["--out", str(out), "--smoke", "--N", "1,4", "--losses", "vespo", "--seeds", "0", "--no-async",
             "--mini-batch", "1"]
     base = [sys.executable, SCRIPT, "run", *grid, "--steps", "8", "--jobs", "1"]
+    # N1-vespo-s0 was interrupted half way (its first 4 of 8 steps and a checkpoint exist): the script resumes it
+    st = _module()
+    n1 = [r for r in st.make_grid([1], ["vespo"], [0], 8, 1, False, st.SMOKE) if r.name == "N1-vespo-s0"][0]
+    half = subprocess.run([sys.executable, "-m", "vespo_trainer", "train", *n1.overrides, "trainer.total_steps=4",
+                           f"trainer.output_dir={out / n1.name}"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert half.returncode == 0, half.stdout[-3000:] + half.stderr[-3000:]
     proc = subprocess.run(base, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2/2 N4-vespo-s0 done" in proc.stdout
+    assert "resumed" in (out / "N1-vespo-s0" / "train.log").read_text()
     for name, steps in (("N1-vespo-s0", 8), ("N4-vespo-s0", 2)):
         with open(out / name / "metrics.jsonl") as f:
             rows = [json.loads(ln) for ln in f]
-        assert len(rows) == steps and rows[-1]["actor/version"] == 8  # same optimizer steps in both settings
+        assert [r["step"] for r in rows] == list(range(steps))
+        assert rows[-1]["actor/version"] == 8  # the same optimizer steps in both settings
     # a second run skips what is done; another design in the same --out is refused
     again = subprocess.run(base + ["--dry-run"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "2 done, 0 to run" in again.stdout and again.stdout.count(" done ") == 2, again.stdout
