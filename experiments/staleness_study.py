@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "trainer"))  # a source checkout uses its own trainer
@@ -44,7 +44,7 @@ LOSSES = ("vespo", "grpo", "gspo", "sapo")
 SEEDS = (0, 1, 2)
 MINI_BATCH = 8       # prompts per optimizer step (x rollout.n = 8 responses = 64 samples)
 OPT_STEPS = 4096     # optimizer steps per run, every setting (a multiple of max(NS))
-# Every run: bf16 rollout (train/inference mismatch), the task, and run-directory housekeeping.
+# Every run: bf16 rollout (train/inference mismatch) and run-directory housekeeping.
 COMMON = ["rollout.dtype=bf16", "trainer.progress=plain", "trainer.tensorboard=false",
           "trainer.provenance=false", "trainer.keep_checkpoints=1", "ray.num_cpus=2"]
 # The paper's fully asynchronous setting (SPEC.md "Staleness").
@@ -114,7 +114,8 @@ def run_status(run_dir: str, total_steps: int) -> str:
 def estimate_s(run: Run) -> float:
     if run.setting == "async":
         return SEC_PER_START + run.total_steps * SEC_PER_OPT_STEP["async"]
-    return SEC_PER_START + run.total_steps * (SEC_PER_ROLLOUT_STEP + run.opt_steps_per_record * SEC_PER_OPT_STEP["sync"])
+    per_rollout_step = SEC_PER_ROLLOUT_STEP + run.opt_steps_per_record * SEC_PER_OPT_STEP["sync"]
+    return SEC_PER_START + run.total_steps * per_rollout_step
 
 
 def _fmt(s: float) -> str:
@@ -276,6 +277,10 @@ def _mean(vals):
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def _extreme(fn, rows, key):
+    return fn((r[key] for r in rows if isinstance(r.get(key), (int, float))), default=float("nan"))
+
+
 def run_summary(run_dir: str, run: Run, opt_steps: int) -> Optional[dict]:
     """Per-run statistics from metrics.jsonl (None if the run has no records)."""
     from vespo_trainer.metrics_log import read_metrics
@@ -298,9 +303,9 @@ def run_summary(run_dir: str, run: Run, opt_steps: int) -> Optional[dict]:
         "final_reward": _mean(last), **collapse(xs, sm),
         "steps_to_half": next((x for x, v in zip(xs, sm) if v >= 0.5), None),
         "phi_mean": _mean([r.get("vespo/phi_mean") for r in rows]),
-        "phi_min": min((r["vespo/phi_min"] for r in rows if r.get("vespo/phi_min") is not None), default=float("nan")),
+        "phi_min": _extreme(min, rows, "vespo/phi_min"),
         "w_mean": _mean([r.get("vespo/w_seq_mean") for r in rows]),
-        "w_max": max((r["vespo/w_seq_max"] for r in rows if r.get("vespo/w_seq_max") is not None), default=float("nan")),
+        "w_max": _extreme(max, rows, "vespo/w_seq_max"),
         "frac_w_gt_100": _mean([r.get("vespo/frac_w_gt_100") for r in rows]),
         "clip_frac": _mean([r.get("vespo/clip_frac") for r in rows]),
         "approx_kl": _mean([r.get("actor/approx_kl") for r in rows]),
@@ -324,8 +329,8 @@ def _g(v, fmt=".3g"):
 
 
 def table(summaries: List[dict], settings: List[str], losses) -> str:
-    head = ("| setting | loss | seeds | final reward (mean ± std) | peak | opt. steps to 0.5 | collapsed (at opt. step) | "
-            "φ mean | φ min | W mean | W max | clip frac | lag mean / max |")
+    head = ("| setting | loss | seeds | final reward (mean ± std) | peak | opt. steps to 0.5 | "
+            "collapsed (at opt. step) | φ mean | φ min | W mean | W max | clip frac | lag mean / max |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in settings:
         for loss in losses:

@@ -2,9 +2,11 @@
 
 Task `arith`: the prompt is "a+b=" (single digits, a in 0..a_max, b in 0..b_max); the right response is
 the last digit of a + b followed by EOS (task.answer=sum: the whole sum, one or two digits, e.g.
-"7+8=" -> "15"). The reward is 1 if the response text (up to EOS) is exactly that answer, else 0. The verifier uses string operations only: model output is never
-evaluated. After the built-in format warm-up (a random digit then EOS) a random policy scores
-about 1/10, so RL has signal from the first step, and a tiny model learns the table in minutes.
+"7+8=" -> "15"). The reward is 1 if the response text (up to EOS) is exactly that answer, else 0.
+The verifier uses string operations only: model output is never evaluated. After the built-in
+format warm-up (a random digit then EOS; sum: a random number 0..a_max+b_max) a random policy
+scores about 1/10 (sum: about 1/19), so RL has signal from the first step, and a tiny model learns
+the table in minutes.
 
 PromptStream yields the prompts of each step in a seeded order (reshuffled each epoch); its
 state is a cursor, so a resumed run sees exactly the same prompts.
