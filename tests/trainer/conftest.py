@@ -2,8 +2,8 @@
 
 Everything runs for real on CPU (Ray actors, DeepSpeed engine with gloo, a process-pool reward);
 only the reward tests use test doubles (reward functions that hang, raise or misbehave).
-Nothing is compiled at start-up: with one learner process on CPU the trainer tells DeepSpeed to skip
-its shared-memory comm op (the 1-2 minute JIT build of a CPU world).
+Nothing is compiled at start-up: on CPU the trainer tells DeepSpeed to skip its shared-memory comm op
+(a 30 s - 2 min JIT build that only DeepSpeed's inference all-reduce uses), whatever the world size.
 """
 from __future__ import annotations
 

@@ -116,17 +116,23 @@ def test_vllm_worker_logprobs_match_the_learner_and_follow_weight_syncs(tmp_path
         ray.kill(hw)
 
 
-def test_train_with_vllm_rollouts(tmp_path, ray_cluster):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_train_with_vllm_rollouts(tmp_path, ray_cluster, mode):
     from vespo_trainer.sync_loop import train
 
+    extra = ["trainer.mode=async", "async.trigger_parameter_sync_step=1"] if mode == "async" else []
     cfg = load_tiny(tmp_path / "run", *VLLM_SHAPE, "algorithm.behaviour_logp=recompute", "trainer.total_steps=3",
-                    "trainer.save_every=0")
+                    "trainer.save_every=0", *extra)
     run_dir = train(cfg)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         recs = [json.loads(ln) for ln in f]
     assert [r["step"] for r in recs] == [0, 1, 2]
+    # sync: a push after every step; async (trigger 1): pushes after steps 0 and 1, each logged in the
+    # record of the step during which it landed
+    pushed = [r for r in recs if r["perf/weight_sync_mb"] > 0]
+    assert len(pushed) == (3 if mode == "sync" else 2) and all(r["time/weight_sync_s"] > 0 for r in pushed)
     for r in recs:
         assert_finite_record(r)
-        assert r["time/weight_sync_s"] > 0 and r["perf/weight_sync_mb"] > 0
+        assert r["staleness/max"] == 0 or mode == "sync"
         # the learner recomputes old_logp with the weights it synced: vLLM sampled from the same policy
         assert r["rollout/logp_abs_diff"] < LOGP_MEAN_TOL, r["rollout/logp_abs_diff"]

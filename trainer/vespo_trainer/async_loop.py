@@ -28,7 +28,7 @@ from collections import deque
 import torch
 
 from .algorithm import group_advantages, merge_rollouts
-from .interrupt import Interrupted, TrainingAborted
+from .interrupt import Interrupted, TrainingAborted, aborted
 from .metrics_log import RunLog
 from .sync_loop import LEARNER_KEYS, _save, batch_metrics, start_run
 from .task import PromptStream
@@ -272,11 +272,8 @@ class AsyncDriver:
 
         try:
             out = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
-            raise TrainingAborted(
-                f"the learner died ({type(exc).__name__}: {str(exc).splitlines()[0]}); its last checkpoint is "
-                f"in {self.run_dir}/checkpoints (with the buffered and in-flight samples): continue with "
-                f"trainer.resume=true trainer.output_dir={self.run_dir}") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise aborted("the learner died in train_batch", exc, self.run_dir) from None
         self.learner_busy = False
         self.outstanding -= rewards.numel() // self.n
         step = self.step
@@ -305,9 +302,8 @@ class AsyncDriver:
         elif kind == "publish":
             try:
                 self.push["pub"] = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
-                raise TrainingAborted(f"the learner died while publishing weights ({type(exc).__name__}); "
-                                      f"continue with trainer.resume=true trainer.output_dir={self.run_dir}") from None
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                raise aborted("the learner died while publishing weights", exc, self.run_dir) from None
             self.push["stage"] = "drain"
         elif kind == "load":
             self._on_loaded(ref, *args)

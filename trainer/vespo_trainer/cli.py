@@ -24,10 +24,14 @@ def plan_text(cfg) -> str:
     from .cluster import ray_address
     from .task import load_prompts, make_tokenizer
 
-    n_prompts = len(load_prompts(cfg, make_tokenizer(cfg), log=lambda s: None))
+    from .config import missing_paths
+
+    missing = missing_paths(cfg)
+    n_prompts = "?" if missing else len(load_prompts(cfg, make_tokenizer(cfg), log=lambda s: None))
 
     tb, mb, n, N = cfg.data.train_batch_size, cfg.actor.ppo_mini_batch_size, cfg.rollout.n, cfg.staleness
-    micro = cfg.actor.micro_batch_size or mb * n
+    lw = cfg.actor.num_workers
+    micro = cfg.actor.micro_batch_size or mb * n // lw
     alg = cfg.algorithm
     params = ", ".join(f"{k}={v}" for k, v in alg.loss_params.items()) or "defaults"
     old = "recomputed by the learner" if (alg.behaviour_logp == "recompute" or alg.tis) else "from the rollout engine"
@@ -56,7 +60,8 @@ def plan_text(cfg) -> str:
         "vespo train: plan (dry run; nothing was started)",
         *mode,
         f"  samples       {tb} prompts x {n} responses = {tb * n} per step; {mb} prompts = {mb * n} responses per "
-        f"mini-batch; micro-batch {micro} (gradient accumulation {mb * n // micro})",
+        f"mini-batch; micro-batch {micro} (gradient accumulation {mb * n // lw // micro}"
+        + (f" on each of {lw} learner ranks)" if lw > 1 else ")"),
         f"  run           {cfg.trainer.total_steps} steps = {cfg.trainer.total_steps * N} optimizer steps, "
         f"{cfg.trainer.total_steps * tb * n:,} samples; task {cfg.task.name} ({n_prompts} prompts"
         + (f" of {len(cfg.data.train_files)} file(s)), reward {cfg.reward.function or 'math'}"
@@ -66,8 +71,10 @@ def plan_text(cfg) -> str:
         (f"  model         {cfg.model.path} (transformers, local files)" if cfg.model.path else
          f"  model         {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size} hidden, "
          f"built in-process (seed {cfg.trainer.seed})"),
-        "  actors        learner x1 (DeepSpeed ZeRO-{z}, AdamW lr {lr:g}, {c:g} CPU); rollout x{r} ({b}, {d}, "
-        "T={t:g}, {rc:g} CPU each); reward x{w} ({p} processes, {to:g}s per call)".format(
+        "  actors        learner x{lw} (DeepSpeed ZeRO-{z}, {world}, AdamW lr {lr:g}, {c:g} CPU{each}); rollout x{r} "
+        "({b}, {d}, T={t:g}, {rc:g} CPU each); reward x{w} ({p} processes, {to:g}s per call)".format(
+            lw=lw, world=f"world size {lw}: {mb * n // lw} responses per rank per mini-batch" if lw > 1 else
+            "world size 1", each=" each" if lw > 1 else "",
             z=cfg.actor.zero_stage, lr=cfg.actor.lr, c=cfg.actor.num_cpus, r=cfg.rollout.num_workers,
             b=cfg.rollout.backend, d=cfg.rollout.dtype, t=cfg.rollout.temperature, rc=cfg.rollout.num_cpus,
             w=cfg.reward.num_workers, p=cfg.reward.num_procs, to=cfg.reward.timeout_s),
@@ -77,6 +84,7 @@ def plan_text(cfg) -> str:
         f"  output        {cfg.trainer.output_dir or 'runs/' + cfg.trainer.experiment_name + '-<time>'}"
         + (" (resume from its latest checkpoint)" if cfg.trainer.resume else ""),
     ]
+    lines += [f"  NOT HERE      {m} (needed to train; everything else was validated)" for m in missing]
     return "\n".join(lines)
 
 
@@ -170,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
     except ConfigError as exc:
         print(f"vespo: config error: {exc}", file=sys.stderr)
         return 2

@@ -49,19 +49,25 @@ def use_cuda(cfg) -> bool:
 
 
 def plan_resources(cfg, cluster: dict, check: bool = True) -> dict:
-    """CPUs/GPUs per actor; -1 GPUs means: 1 each when the cluster has enough, else share one GPU."""
+    """CPUs/GPUs per actor (the learner's: per rank); -1 GPUs means: 1 each when the cluster has
+    enough, else share (a learner of W > 1 ranks takes 0.6 of a GPU per rank: more than half, so
+    that Ray never packs two NCCL ranks onto one GPU; the rollout workers share the rest)."""
     cuda = use_cuda(cfg)
-    r = cfg.rollout.num_workers
+    r, w = cfg.rollout.num_workers, cfg.actor.num_workers
     gpus = cluster.get("GPU", 0.0)
-    share = gpus < 1 + r
-    learner_gpu = cfg.actor.num_gpus if cfg.actor.num_gpus >= 0 else (0.0 if not cuda else 0.5 if share else 1.0)
+    share = gpus < w + r
+    learner_gpu = cfg.actor.num_gpus if cfg.actor.num_gpus >= 0 else (
+        0.0 if not cuda else 1.0 if not share else 0.5 if w == 1 else 0.6)
     rollout_gpu = cfg.rollout.num_gpus if cfg.rollout.num_gpus >= 0 else (
-        0.0 if not cuda else 0.5 / r if share else 1.0)
+        0.0 if not cuda else 1.0 if not share else 0.5 / r if w == 1 else 0.4 / -(-r // w))
+    if cuda and w > 1 and learner_gpu <= 0.5:
+        raise RuntimeError(f"actor.num_gpus={learner_gpu:g} with {w} learner ranks: NCCL needs one GPU per rank, "
+                           "so each rank must ask for more than half a GPU")
     plan = {"learner": {"num_cpus": cfg.actor.num_cpus, "num_gpus": learner_gpu},
             "rollout": {"num_cpus": cfg.rollout.num_cpus, "num_gpus": rollout_gpu},
             "reward": {"num_cpus": cfg.reward.num_cpus, "num_gpus": 0.0}}
-    need_cpu = cfg.actor.num_cpus + r * cfg.rollout.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus
-    need_gpu = learner_gpu + r * rollout_gpu
+    need_cpu = w * cfg.actor.num_cpus + r * cfg.rollout.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus
+    need_gpu = w * learner_gpu + r * rollout_gpu
     local = ray_address(cfg) is None  # a remote cluster may autoscale: only a local Ray is checked
     if check and local and (need_cpu > cluster.get("CPU", 0.0) + 1e-9 or need_gpu > gpus + 1e-9):
         raise RuntimeError(
@@ -73,7 +79,7 @@ def plan_resources(cfg, cluster: dict, check: bool = True) -> dict:
 
 @dataclass
 class Actors:
-    learner: object
+    learner: object  # a LearnerGroup: actor-handle-like, every call goes to all actor.num_workers ranks
     rollout: List[object]
     reward: List[object]
 
@@ -81,7 +87,7 @@ class Actors:
 def start_actors(cfg) -> Actors:
     import ray
 
-    from .learner import Learner
+    from .learner_group import LearnerGroup
     from .reward import RewardWorker
 
     if cfg.rollout.backend == "vllm" and ray_address(cfg) is None:
@@ -91,7 +97,7 @@ def start_actors(cfg) -> Actors:
     if use_cuda(cfg) and cfg.trainer.device == "auto":
         cfg.trainer.device = "cuda"  # what the actors should use, whatever the driver sees
     res = plan_resources(cfg, ray.cluster_resources())
-    learner = ray.remote(Learner).options(**res["learner"]).remote(cfg)
+    learner = LearnerGroup(cfg, res["learner"])
     rollout = [_new_rollout(cfg, res, rank) for rank in range(cfg.rollout.num_workers)]
     reward = [ray.remote(RewardWorker).options(**res["reward"]).remote(cfg) for _ in range(cfg.reward.num_workers)]
     return Actors(learner, rollout, reward)
@@ -143,6 +149,7 @@ def stop_actors(actors: Actors) -> None:
             ray.get(a.close.remote(), timeout=10)
         except Exception:
             pass
-    for a in [actors.learner, *actors.rollout, *actors.reward]:
+    actors.learner.kill()
+    for a in [*actors.rollout, *actors.reward]:
         ray.kill(a)
 

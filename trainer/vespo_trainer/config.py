@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """An impossible or unsupported setting; the message names the key."""
 
 
+# load_config(check_paths=False) lowers this while it builds the config: the dry run of a config written
+# for another machine (the paper's configs) validates every key, and lists the missing files instead.
+_CHECK_PATHS = [True]
+
+
 def _f(default, help: str, **kw):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
@@ -112,7 +117,7 @@ class DataConfig:
         _check(self.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1")
         self.train_files = [os.path.abspath(os.path.expanduser(p)) for p in self.train_files]  # actors' cwd may differ
         for path in self.train_files:
-            _check(os.path.isfile(path), "data.train_files", f"no such file: {path}")
+            _check(os.path.isfile(path) or not _CHECK_PATHS[0], "data.train_files", f"no such file: {path}")
 
 
 @dataclass
@@ -149,14 +154,19 @@ class AlgorithmConfig:
 class ActorConfig:
     ppo_mini_batch_size: int = _f(8, "prompts per optimizer step (x rollout.n responses); "
                                      "staleness N = data.train_batch_size / ppo_mini_batch_size")
-    micro_batch_size: int = _f(0, "responses per forward/backward (gradient accumulation); 0: the whole mini-batch")
+    micro_batch_size: int = _f(0, "responses per forward/backward on each learner rank (gradient accumulation); "
+                                  "0: the rank's whole share of the mini-batch")
     lr: float = _f(3e-4, "AdamW learning rate (constant)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     betas: List[float] = _f([0.9, 0.999], "AdamW betas")
     grad_clip: float = _f(1.0, "gradient norm clipping (0: off)")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0-3)")
-    num_cpus: float = _f(1.0, "CPUs Ray reserves for the learner actor")
-    num_gpus: float = _f(-1.0, "GPUs for the learner actor (-1: 1 on cuda, 0 on cpu)")
+    num_workers: int = _f(1, "learner ranks: Ray actors forming one DeepSpeed data-parallel world (gloo on cpu, "
+                             "NCCL on cuda, one GPU each); every mini-batch is split evenly over them")
+    zero3_persist_numel: int = _f(100000, "ZeRO-3: parameters with fewer elements stay whole on every rank "
+                                          "(DeepSpeed's stage3_param_persistence_threshold); 0 partitions all")
+    num_cpus: float = _f(1.0, "CPUs Ray reserves for each learner rank")
+    num_gpus: float = _f(-1.0, "GPUs for each learner rank (-1: 1 on cuda, 0 on cpu)")
 
     def __post_init__(self):
         _check(self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size", "must be >= 1")
@@ -165,6 +175,8 @@ class ActorConfig:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "actor.betas", "two values in [0, 1)")
         _check(self.grad_clip >= 0, "actor.grad_clip", "must be >= 0")
         _check(self.zero_stage in (0, 1, 2, 3), "actor.zero_stage", f"must be 0, 1, 2 or 3; got {self.zero_stage}")
+        _check(self.num_workers >= 1, "actor.num_workers", f"must be >= 1; got {self.num_workers}")
+        _check(self.zero3_persist_numel >= 0, "actor.zero3_persist_numel", "must be >= 0")
         _check(self.num_cpus >= 0, "actor.num_cpus", "must be >= 0")
 
 
@@ -238,6 +250,7 @@ class ModelConfig:
         _one_of(self.arch, "model.arch", ("qwen2", "llama"))
         if self.path is not None:
             self.path = os.path.abspath(os.path.expanduser(self.path))  # the actors' cwd may differ
+        if self.path is not None and _CHECK_PATHS[0]:
             _check(os.path.isdir(self.path), "model.path", f"no such directory: {self.path}")
             _check(os.path.isfile(os.path.join(self.path, "config.json")), "model.path",
                    f"{self.path} has no config.json (not a Hugging Face model directory); "
@@ -315,9 +328,17 @@ class Config:
                f"{tb} is not a multiple of actor.ppo_mini_batch_size={mb} (staleness N = train_batch_size / "
                "ppo_mini_batch_size must be a whole number)")
         _check(n >= 2, "rollout.n", f"GRPO group advantages need at least 2 responses per prompt; got {n}")
+        w = self.actor.num_workers
+        _check((mb * n) % w == 0, "actor.num_workers",
+               f"the mini-batch's {mb} x {n} = {mb * n} responses must split evenly over the {w} learner ranks")
         if self.actor.micro_batch_size:
-            _check((mb * n) % self.actor.micro_batch_size == 0, "actor.micro_batch_size",
-                   f"must divide the mini-batch's {mb} x {n} = {mb * n} responses; got {self.actor.micro_batch_size}")
+            share = f"the mini-batch's {mb} x {n} = {mb * n} responses" if w == 1 else \
+                f"each learner rank's {mb * n // w} of the mini-batch's {mb} x {n} = {mb * n} responses"
+            _check((mb * n // w) % self.actor.micro_batch_size == 0, "actor.micro_batch_size",
+                   f"must divide {share}; got {self.actor.micro_batch_size}")
+        if self.task.warmup_steps:
+            _check(self.task.warmup_batch_size % w == 0, "task.warmup_batch_size",
+                   f"must split evenly over actor.num_workers={w} learner ranks; got {self.task.warmup_batch_size}")
         if self.trainer.mode == "async":
             chunk = self.async_.rollout_chunk or self.rollout_chunk
             _check(chunk <= self.async_window, "async.rollout_chunk",
@@ -391,9 +412,22 @@ def help_text() -> List[tuple]:
     return rows
 
 
-def load_config(config_file: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Defaults <- YAML file <- dotted key=value overrides, validated. Raises ConfigError."""
+def missing_paths(cfg: Config) -> List[str]:
+    """The local files the config names that are not on this machine ("key: path")."""
+    out = [f"data.train_files: {p}" for p in cfg.data.train_files if not os.path.isfile(p)]
+    if cfg.model.path and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        out.append(f"model.path: {cfg.model.path}")
+    return out
+
+
+def load_config(config_file: Optional[str] = None, overrides: Optional[List[str]] = None, *,
+                check_paths: bool = True) -> Config:
+    """Defaults <- YAML file <- dotted key=value overrides, validated. Raises ConfigError.
+
+    check_paths=False accepts model.path / data.train_files that are not on this machine (see missing_paths).
+    """
     schema = OmegaConf.structured(Config)
+    _CHECK_PATHS[0] = check_paths
     try:
         layers = [schema]
         if config_file:
@@ -418,6 +452,8 @@ def load_config(config_file: Optional[str] = None, overrides: Optional[List[str]
         msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
         key = _user_key(key) if key else key
         raise ConfigError(f"{key + ': ' if key else ''}{msg}") from None
+    finally:
+        _CHECK_PATHS[0] = True
 
 
 def to_dict(cfg: Config) -> dict:

@@ -26,6 +26,13 @@ class TrainingAborted(RuntimeError):
     """A fatal failure with a message for the user (e.g. the learner died); resume may continue it."""
 
 
+def aborted(what: str, exc: BaseException, run_dir: str) -> TrainingAborted:
+    """The TrainingAborted for an actor failure (RayActorError, or a RayTaskError such as LearnerFailed)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return TrainingAborted(f"{what} ({type(exc).__name__}: {first}); the last checkpoint is in {run_dir}/checkpoints: "
+                           f"continue with trainer.resume=true trainer.output_dir={run_dir}")
+
+
 class GracefulInterrupt:
     def __init__(self, notify=None):
         self.requested = False

@@ -5,16 +5,22 @@ it is split by prompt groups into N = train_batch_size / ppo_mini_batch_size min
 learner takes one optimizer step per mini-batch, so mini-batch k is computed by version v + k on
 data from version v. The lag is measured, not inferred: for every sample the learner records
 (version of the weights that computed its gradient) - (oldest version that generated its tokens).
+
+Data parallel (actor.num_workers = W ranks, one DeepSpeed world; learner_group.LearnerGroup drives
+them): every rank receives the whole batch and trains on its own contiguous 1/W of the rows of each
+mini-batch. The loss of a rank is divided by the GLOBAL normaliser of the mini-batch (token or
+sequence count over all ranks), so the ranks' losses add up to the 1-rank loss; see `Learner._accumulate`
+for the factor W that undoes DeepSpeed's averaging of the gradients.
 """
 from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from typing import List, Optional
 
 import torch
 
+from .learner_metrics import finish_train_metrics, merge_loss_metrics, warmup_result
 from .model import load_policy, num_params
 from .runtime import free_port, quiet_libraries, set_threads
 from .task import make_tokenizer
@@ -22,13 +28,16 @@ from .task import make_tokenizer
 
 def deepspeed_config(cfg, micro: int, gas: int, on_cuda: bool) -> dict:
     a = cfg.actor
+    zero = {"stage": a.zero_stage}
+    if a.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = a.zero3_persist_numel
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": a.lr, "betas": list(a.betas), "eps": 1e-8,
                                                   "weight_decay": a.weight_decay, "torch_adam": True}},
         "gradient_clipping": a.grad_clip,
-        "zero_optimization": {"stage": a.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": False}, "fp16": {"enabled": False},
         "steps_per_print": 2**62, "wall_clock_breakdown": False,
@@ -36,29 +45,51 @@ def deepspeed_config(cfg, micro: int, gas: int, on_cuda: bool) -> dict:
 
 
 class Learner:
+    """One rank of the learner. World 1: ready after __init__. World W > 1: the ranks are created
+    first, then `setup(master_addr, master_port)` runs on all of them at once (DeepSpeed's init is a
+    collective); learner_group.LearnerGroup does both."""
+
     def __init__(self, cfg, rank: int = 0, world_size: int = 1, master_addr: Optional[str] = None,
                  master_port: Optional[int] = None):
         quiet_libraries()
-        self.cfg = cfg
+        self.cfg, self.rank, self.world = cfg, rank, world_size
         self.threads = set_threads(cfg.trainer.num_threads)
         on_cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda", 0) if on_cuda else torch.device("cpu")
+        self.engine = None
+        if world_size == 1 or master_addr is not None:
+            self.setup(master_addr, master_port)
+
+    def endpoint(self) -> tuple:
+        """(ip, free port) of this rank's node: rank 0 hosts the process group's rendezvous."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: Optional[str], master_port: Optional[int]) -> None:
+        cfg, on_cuda = self.cfg, self.device.type == "cuda"
         os.environ.update(MASTER_ADDR=master_addr or "127.0.0.1", MASTER_PORT=str(master_port or free_port()),
-                          RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0")
         import deepspeed
 
-        if not on_cuda and world_size == 1:
-            # DeepSpeed JIT-builds a shared-memory comm op for CPU worlds (1-2 minutes and a C++ toolchain);
-            # one process has nobody to talk to, so skip it (DeepSpeed keeps edits to this dict).
+        if not on_cuda:
+            # DeepSpeed JIT-builds a shared-memory comm op for CPU worlds (30 s - 2 min and a C++ toolchain).
+            # It serves only dist.inference_all_reduce (tensor-parallel inference layers); training's
+            # all-reduce / reduce-scatter / all-gather (ZeRO 0-3) go through torch.distributed's gloo
+            # process group whatever this flag says, so the build buys nothing here: skip it
+            # (DeepSpeed keeps edits to this dict).
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
         self.tok = make_tokenizer(cfg)
         model = load_policy(cfg, self.tok, dtype="fp32")
         self.n_params = num_params(model)
-        self.mb_samples = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
-        self.micro = cfg.actor.micro_batch_size or self.mb_samples
-        self.gas = self.mb_samples // self.micro
+        self.mb_samples = cfg.actor.ppo_mini_batch_size * cfg.rollout.n  # responses per mini-batch, all ranks
+        if self.mb_samples % self.world:
+            raise ValueError(f"{self.mb_samples} responses per mini-batch do not split over {self.world} ranks")
+        self.per_rank = self.mb_samples // self.world  # this rank's rows of each mini-batch
+        self.micro = cfg.actor.micro_batch_size or self.per_rank
+        self.gas = self.per_rank // self.micro
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(cfg, self.micro, self.gas, on_cuda))
         self.engine.train()
@@ -71,7 +102,8 @@ class Learner:
             "pure-torch reference (fallback: vespo_ext has no compiled kernels here)"
         return {"params": self.n_params, "loss_kernels": kernels, "threads": self.threads, "device": str(self.device),
                 "zero_stage": self.cfg.actor.zero_stage, "micro_batch": self.micro, "grad_accum": self.gas,
-                "version": self.version, "pid": os.getpid()}
+                "version": self.version, "world_size": self.world, "rank": self.rank,
+                "pid": os.getpid()}
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -93,12 +125,22 @@ class Learner:
         return idx.split(self.micro)
 
     def _accumulate(self, chunks, loss_fn) -> List[float]:
-        """Backward over the micro-batches, then one optimizer step (the DeepSpeed accumulation boundary)."""
+        """Backward over the micro-batches, then one optimizer step (the DeepSpeed accumulation boundary).
+
+        Every micro-batch loss is divided by the GLOBAL normaliser of its mini-batch, so the losses
+        of all micro-batches on all W ranks add up to the mini-batch loss of one rank. DeepSpeed
+        AVERAGES the gradients over the data-parallel ranks (ZeRO 0-2: all-reduce then / W; ZeRO-3:
+        reduce-scatter then / W), assuming each rank's loss is a mean over its own share; ours are
+        partial sums of one mean, so the backward pass gets W x loss:
+            (1/W) sum_r grad(W loss_r) = grad(sum_r loss_r) = grad(1-rank loss).
+        Gradient clipping then sees the same global gradient as with one rank. The losses returned
+        (and logged) are the unscaled ones.
+        """
         losses = []
         for i, c in enumerate(chunks):
             self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
             loss = loss_fn(c)
-            self.engine.backward(loss, scale_wrt_gas=False)  # the losses already add up to the mini-batch's
+            self.engine.backward(loss * self.world if self.world > 1 else loss, scale_wrt_gas=False)
             losses.append(float(loss.detach()))
         self.engine.step()
         return losses
@@ -107,22 +149,35 @@ class Learner:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
+    def _shard(self, n: int) -> range:
+        """This rank's contiguous share of n rows (n must split evenly: ZeRO-3 ranks must run the same
+        number of forward passes, since every forward gathers the parameters collectively)."""
+        if n % self.world:
+            raise ValueError(f"{n} rows do not split evenly over {self.world} learner ranks")
+        per = n // self.world
+        return range(self.rank * per, (self.rank + 1) * per)
+
     # -- format warm-up (supervised, before RL; built-in task only) ------------------------------
     def warmup(self, pairs_per_step: List[List[tuple]]) -> dict:
-        """Cross-entropy on (prompt, response + EOS) pairs; does not advance the policy version."""
+        """Cross-entropy on (prompt, response + EOS) pairs; does not advance the policy version.
+
+        Every rank gets all pairs and trains on its share; the loss is divided by the step's total
+        response token count, so the ranks' `_losses` add up to the 1-rank loss."""
         t0, losses = time.perf_counter(), []
         self._set_lr(self.cfg.task.warmup_lr)
         for pairs in pairs_per_step:
-            p_ids, p_am = self.tok.pad_left([self.tok.encode(p) for p, _ in pairs])
-            resp = [self.tok.encode(r, add_bos=False) + [self.tok.eos_token_id] for _, r in pairs]
+            resp_all = [self.tok.encode(r, add_bos=False) + [self.tok.eos_token_id] for _, r in pairs]
+            n_tok = max(sum(len(r) for r in resp_all), 1)  # of the whole step, not of this rank's share
+            mine = self._shard(len(pairs))
+            p_ids, p_am = self.tok.pad_left([self.tok.encode(pairs[i][0]) for i in mine])
+            resp = [resp_all[i] for i in mine]
             L = max(len(r) for r in resp)
-            labels = torch.full((len(pairs), L), -100, dtype=torch.long)
+            labels = torch.full((len(resp), L), -100, dtype=torch.long)
             for i, r in enumerate(resp):
                 labels[i, :len(r)] = torch.tensor(r)
             ids = torch.cat([p_ids, labels.clamp(min=0)], 1).to(self.device)
             am = torch.cat([p_am, (labels >= 0).long()], 1).to(self.device)
             labels = labels.to(self.device)
-            n_tok = max(int((labels >= 0).sum()), 1)
 
             def ce_loss(c):
                 logits = self._response_logits(ids[c], am[c], L).float()
@@ -130,12 +185,9 @@ class Learner:
                                                        ignore_index=-100, reduction="sum")
                 return ce / n_tok
 
-            total = sum(self._accumulate(torch.arange(len(pairs)).split(self.micro), ce_loss))
-            losses.append(total)
+            losses.append(sum(self._accumulate(torch.arange(len(resp)).split(self.micro), ce_loss)))
         self._set_lr(self.cfg.actor.lr)
-        return {"warmup/loss_first": losses[0] if losses else float("nan"),
-                "warmup/loss_last": losses[-1] if losses else float("nan"),
-                "warmup/steps": len(losses), "warmup/seconds": time.perf_counter() - t0}
+        return warmup_result(losses, time.perf_counter() - t0)
 
     # -- one rollout batch: N optimizer steps -----------------------------------------------------
     @torch.no_grad()
@@ -154,70 +206,74 @@ class Learner:
         return torch.cat(out).masked_fill(~batch["response_mask"], 0.0)
 
     def train_batch(self, batch: dict) -> dict:
+        """N = rows / mini-batch optimizer steps on `batch` (every rank gets the whole batch).
+
+        Returns {"metrics", "provenance"} of THIS rank's rows, and "parts": the raw per-mini-batch
+        numbers from which LearnerGroup merges the metrics of all ranks (learner_metrics.finish_train_metrics).
+        """
         import vespo_ext
 
         alg, cfg = self.cfg.algorithm, self.cfg
         t0 = time.perf_counter()
+        B, L = batch["responses"].shape
+        if B % self.mb_samples:
+            raise ValueError(f"a batch of {B} responses is not a whole number of mini-batches of {self.mb_samples}")
+        n_mb, mb, per = B // self.mb_samples, self.mb_samples, self.per_rank
+        # the global normaliser of every mini-batch, from its full mask (all ranks' rows)
+        norms = [self._norm(batch["response_mask"][k * mb:(k + 1) * mb]) for k in range(n_mb)]
+        # this rank's rows: a contiguous 1/W of each mini-batch; local mini-batch k = local rows k*per..(k+1)*per
+        shard = self._shard(mb)
+        mine = torch.cat([torch.arange(k * mb + shard.start, k * mb + shard.stop) for k in range(n_mb)])
+        batch = {key: v[mine] if isinstance(v, torch.Tensor) and v.dim() and len(v) == B else v
+                 for key, v in batch.items()}
         mask = batch["response_mask"]
         rollout_logp = batch["old_logp"]
-        old_logp, is_w, m = rollout_logp, None, {}
+        old_logp, is_w, mismatch = rollout_logp, None, None
         if alg.tis or alg.behaviour_logp == "recompute":
             recomputed = self._recompute_logp(batch)
             diff = (recomputed - rollout_logp)[mask]
-            m["rollout/logp_abs_diff"] = float(diff.abs().mean()) if diff.numel() else 0.0
-            m["rollout/mismatch_kl"] = float((-diff).mean()) if diff.numel() else 0.0
+            mismatch = {"tokens": diff.numel(), "abs_diff_sum": float(diff.abs().sum()),
+                        "kl_sum": float((-diff).sum())}
             old_logp = recomputed
             if alg.tis:
                 is_w = torch.exp(diff.new_zeros(mask.shape).masked_scatter(mask, diff)).clamp(max=alg.tis_cap)
-        B, L = batch["responses"].shape
-        n_mb = B // self.mb_samples
-        sums, counts = defaultdict(float), defaultdict(int)
+        minibatches = []
         prov = {k: [] for k in ("uid", "prompt_id", "gen_version", "update_version", "minibatch")}
+        d = self.device
         for k in range(n_mb):
-            rows = torch.arange(k * self.mb_samples, (k + 1) * self.mb_samples)
-            mb_mask = mask[rows]
-            norm = self._norm(mb_mask)
-            metrics_acc = defaultdict(float)
-            d = self.device
+            rows = torch.arange(k * per, (k + 1) * per)
+            stats = []
 
             def pg_loss(c):
                 logits = self._response_logits(batch["input_ids"][c].to(d), batch["attention_mask"][c].to(d), L)
                 loss, met = vespo_ext.policy_loss(
                     logits, batch["responses"][c].to(d), old_logp[c].to(d), batch["advantages"][c].to(d),
-                    mask[c].to(d), loss=alg.loss, agg=alg.agg, norm=norm,
+                    mask[c].to(d), loss=alg.loss, agg=alg.agg, norm=norms[k],
                     rollout_is_weights=None if is_w is None else is_w[c].to(d),
                     temperature=cfg.rollout.temperature, return_metrics=True, **dict(alg.loss_params))
-                for name, v in met.items():  # per-sequence statistics: weight each micro-batch by its size
-                    metrics_acc[name] += float(v) * len(c) / len(rows)
+                stats.append({name: float(v) for name, v in met.items()})
                 return loss
 
             mb_loss = sum(self._accumulate(self._chunks(rows), pg_loss))
             # provenance: the weights that computed this gradient are version self.version
-            gen = self._gen_version(batch["token_version"][rows], mb_mask)
+            gen = self._gen_version(batch["token_version"][rows], mask[rows])
             prov["uid"] += batch["uid"][rows].tolist()
             prov["prompt_id"] += batch["prompt_id"][rows].tolist()
             prov["gen_version"] += gen.tolist()
             prov["update_version"] += [self.version] * len(rows)
             prov["minibatch"] += [k] * len(rows)
             self.version += 1
-            sums["actor/loss"] += mb_loss
             gn = self.engine.get_global_grad_norm()
-            if gn is not None:
-                sums["actor/grad_norm"] += float(gn)
-                counts["actor/grad_norm"] += 1
-            for name, v in metrics_acc.items():
-                sums[f"vespo/{name}"] += v
-        for name, v in sums.items():
-            m[name] = v / counts.get(name, n_mb)
-        m["actor/approx_kl"] = m.get("vespo/approx_kl", 0.0)
-        m["actor/lr"] = float(self.engine.get_lr()[0])
-        m["actor/version"] = self.version
-        m["time/train_s"] = time.perf_counter() - t0
-        return {"metrics": m, "provenance": prov}
+            minibatches.append({"loss": mb_loss, "grad_norm": None if gn is None else float(gn),
+                                "stats": merge_loss_metrics(stats)})
+        parts = {"minibatches": minibatches, "mismatch": mismatch, "version": self.version,
+                 "lr": float(self.engine.get_lr()[0]), "seconds": time.perf_counter() - t0}
+        return {"metrics": finish_train_metrics([parts]), "provenance": prov, "parts": parts}
 
     def _norm(self, mb_mask: torch.Tensor) -> Optional[float]:
-        """The mini-batch's denominator, so that the micro-batch losses add up to the mini-batch loss."""
-        if self.gas == 1:
+        """The mini-batch's denominator (over all ranks' rows), so that the micro-batch losses of all
+        ranks add up to the mini-batch loss; None (the op's own) for one rank and one micro-batch."""
+        if self.gas == 1 and self.world == 1:
             return None
         agg = self.cfg.algorithm.agg or {"gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean"}.get(
             self.cfg.algorithm.loss, "token-mean")
@@ -236,6 +292,8 @@ class Learner:
 
     # -- weights and checkpoints ----------------------------------------------------------------
     def publish_weights(self, bucket_mb: float) -> dict:
+        """Every rank walks the same buckets (under ZeRO-3 each bucket is gathered collectively, one
+        at a time: never the whole model); only rank 0 puts them into Ray's object store."""
         from .weight_sync import publish
 
         t0 = time.perf_counter()
@@ -244,18 +302,30 @@ class Learner:
             import deepspeed
 
             gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=None)  # noqa: E731
-        refs = publish(self.engine.module, bucket_mb, gather)
-        return {"refs": refs, "version": self.version, "seconds": time.perf_counter() - t0}
+        stats: dict = {}
+        refs = publish(self.engine.module, bucket_mb, gather, put=self.rank == 0, stats=stats)
+        return {"refs": refs, "version": self.version, "seconds": time.perf_counter() - t0,
+                "resident_peak_mb": stats["resident_peak_bytes"] / 2**20, "buckets": stats["buckets"]}
 
     def save(self, ckpt_dir: str, tag: str) -> str:
-        state = {"version": self.version, "torch_rng": torch.get_rng_state()}
+        """Every rank writes its shard (DeepSpeed: model states from rank 0 or, under ZeRO-3, from
+        each rank; one optimizer-state file per rank). ckpt_dir must be visible to all ranks."""
+        state = {"version": self.version, "torch_rng": torch.get_rng_state(), "world_size": self.world}
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False)
         return os.path.join(ckpt_dir, tag)
 
     def load(self, ckpt_dir: str, tag: str) -> int:
-        path, state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {os.path.join(ckpt_dir, tag)}")
+        import glob
+
+        path = os.path.join(ckpt_dir, tag)
+        shards = len(glob.glob(os.path.join(path, "*zero_pp_rank_*optim_states.pt")))
+        if shards and shards != self.world:
+            raise RuntimeError(f"the checkpoint {path} was saved by {shards} learner ranks but this run has "
+                               f"actor.num_workers={self.world}: DeepSpeed's sharded ZeRO checkpoints load only "
+                               "into the same world size")
+        loaded, state = self.engine.load_checkpoint(ckpt_dir, tag=tag)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
         self.version = int(state["version"])
         torch.set_rng_state(state["torch_rng"])
         return self.version

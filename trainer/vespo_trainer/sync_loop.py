@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .algorithm import group_advantages, merge_rollouts, split_groups
 from .cluster import ray_session, start_actors, stop_actors
 from .config import Config, ConfigError, to_yaml
-from .interrupt import GracefulInterrupt, Interrupted
+from .interrupt import GracefulInterrupt, Interrupted, aborted
 from .metrics_log import Progress, RunLog
 from .reward import resolve_fn, reward_spec
 from .task import PromptStream, load_prompts, make_tokenizer, task_prompts, warmup_max_answer, warmup_texts
@@ -64,9 +64,13 @@ def train(cfg: Config) -> str:
         raise ConfigError(str(exc)) from None
     loop = async_loop if cfg.trainer.mode == "async" else _loop
     with ray_session(cfg), GracefulInterrupt(progress.print) as stop:
+        import ray
+
         actors = start_actors(cfg)
         try:
             loop(cfg, run_dir, actors, progress, stop, tok, prompts)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise aborted("an actor failed", exc, run_dir) from None
         finally:
             progress.close()
             stop_actors(actors)

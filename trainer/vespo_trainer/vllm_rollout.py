@@ -94,20 +94,15 @@ class VllmRolloutWorker:
 
     def update_weights(self, refs: List, version: int) -> dict:
         """Load the learner's bucketed weights into the running engine; reset its prefix cache."""
-        import ray
-
-        from .weight_sync import unpack_bucket
+        from .weight_sync import ObjectStoreChannel
 
         t0 = time.perf_counter()
         received = [0]
 
         def tensors():
-            for ref in refs:
-                packed = ray.get(ref)
-                for name, t in unpack_bucket(packed):
-                    received[0] += t.numel() * t.element_size()
-                    yield name, t
-                del packed
+            for name, t in ObjectStoreChannel.receive(refs):
+                received[0] += t.numel() * t.element_size()
+                yield name, t
 
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors(), "is_checkpoint_format": True})
         self.llm.apply_model(_reprepare_tied_lm_head)
@@ -168,7 +163,7 @@ class VllmRolloutWorker:
             "prompts": [p.text for p in prompts for _ in range(n)],
             "ground_truths": [p.ground_truth for p in prompts for _ in range(n)],
             "stats": {"gen_s": gen_s, "ended_frac": float(ended.float().mean()), "threads": self.threads,
-                      "response_tokens": int(mask.sum())},
+                      "response_tokens": int(mask.sum()), "segments": 1},
         }
 
 

@@ -7,10 +7,18 @@ every rollout worker, which fetches and loads them one at a time: peak extra mem
 one bucket, not a second model. A flat NumPy buffer travels out of band (zero copy on the same
 node); a dict of torch tensors would be pickled tensor by tensor (measured here: ~40 ms for the
 0.5 MiB default model, against ~2 ms flat).
+
+The transport is a small "channel" with two methods, so a collective path plugs in without touching
+the learner or the workers: `send(bucket) -> handle` on the learner's rank 0 and
+`receive(handles) -> (name, tensor) iterator` on a worker. ObjectStoreChannel is the one here (CPU,
+any node). An NCCL channel (GPU) would keep a process group of learner rank 0 + the rollout engines:
+send broadcasts the flat bucket from a CUDA buffer and returns its table (name, dtype, shape, offset);
+receive allocates the flat buffer, joins the broadcast and yields the same views.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Iterator, List
+import contextlib
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -30,30 +38,59 @@ def iter_buckets(named_tensors: Iterable, bucket_mb: float) -> Iterator[Dict[str
         yield bucket
 
 
-def publish(model, bucket_mb: float, gather=None) -> List:
-    """Put the weights in the object store; returns the bucket refs in order.
+class ObjectStoreChannel:
+    """Buckets as flat byte arrays through Ray's object store; a handle is an ObjectRef."""
+
+    @staticmethod
+    def send(bucket: Dict[str, torch.Tensor]):
+        import ray
+
+        return ray.put(pack_bucket(bucket))
+
+    @staticmethod
+    def receive(handles: List) -> Iterator:
+        """(name, tensor) of every bucket in order; one bucket in memory at a time (copy the tensors out)."""
+        import ray
+
+        for ref in handles:
+            packed = ray.get(ref)
+            yield from unpack_bucket(packed)
+            del packed
+
+
+def publish(model, bucket_mb: float, gather=None, *, put: bool = True, stats: Optional[dict] = None,
+            channel=ObjectStoreChannel) -> List:
+    """Send the weights bucket by bucket through `channel`; returns the handles (object refs) in order.
 
     `gather` (optional) is a context-manager factory that makes a list of parameters whole
-    (DeepSpeed ZeRO-3 GatheredParameters); without it the tensors are read as they are.
+    (DeepSpeed ZeRO-3 GatheredParameters, a collective: every rank must walk the same buckets);
+    without it the tensors are read as they are. put=False walks (and gathers) without putting:
+    the other ranks of a ZeRO-3 world. `stats`, if given, receives "buckets" and
+    "resident_peak_bytes": the most full-size parameter bytes held at once while a bucket was
+    gathered (the whole model without ZeRO-3; about one bucket plus the persistent small
+    parameters with it).
     """
-    import ray
-
     refs, seen = [], set()
     params = dict(model.named_parameters())
     tensors = []
     for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.data_ptr(), t.shape) if t.numel() else None
-        if key is None or key not in seen:  # tied weights (embedding = lm_head) travel once
+        # tied weights (embedding = lm_head) travel once: the same object, or the same storage; a
+        # ZeRO-3 parameter is empty outside a gather, so only its identity tells
+        key = (t.data_ptr(), tuple(t.shape)) if t.numel() else id(t)
+        if key not in seen:
             seen.add(key)
             tensors.append((name, t))
+    peak, count = 0, 0
     for bucket in iter_buckets(tensors, bucket_mb):
         names = list(bucket)
-        ctx = gather([params[n] for n in names if n in params]) if gather else None
-        if ctx is not None:
-            with ctx:
-                refs.append(ray.put(pack_bucket(bucket)))
-        else:
-            refs.append(ray.put(pack_bucket(bucket)))
+        ctx = gather([params[n] for n in names if n in params]) if gather else contextlib.nullcontext()
+        with ctx:
+            peak = max(peak, sum(p.data.numel() * p.element_size() for p in model.parameters()))
+            if put:  # pack_bucket copies into one flat buffer (a view into a ZeRO 1-2 flat buffer never travels)
+                refs.append(channel.send(bucket))
+        count += 1
+    if stats is not None:
+        stats.update(buckets=count, resident_peak_bytes=peak)
     return refs
 
 
@@ -83,18 +120,13 @@ def unpack_bucket(packed: dict) -> Iterator:
 
 
 @torch.no_grad()
-def load_buckets(model, refs: List) -> int:
-    """Fetch and copy each bucket into `model` (casting to its dtype/device); returns bytes received."""
-    import ray
-
+def load_buckets(model, handles: List, channel=ObjectStoreChannel) -> int:
+    """Receive every bucket and copy it into `model` (casting to its dtype/device); returns bytes received."""
     own = model.state_dict()
     received = 0
-    for ref in refs:
-        packed = ray.get(ref)
-        for name, t in unpack_bucket(packed):
-            if name not in own:
-                raise KeyError(f"weight sync: the rollout model has no tensor {name!r}")
-            own[name].copy_(t)
-            received += t.numel() * t.element_size()
-        del packed
+    for name, t in channel.receive(handles):
+        if name not in own:
+            raise KeyError(f"weight sync: the rollout model has no tensor {name!r}")
+        own[name].copy_(t)
+        received += t.numel() * t.element_size()
     return received
