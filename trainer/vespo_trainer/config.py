@@ -84,8 +84,8 @@ class TaskConfig:
     a_max: int = _f(9, "the first operand a takes the values 0..a_max")
     b_max: int = _f(9, "the second operand b takes the values 0..b_max (smaller: an easier table)")
     answer: str = _f("last_digit", "task arith: last_digit (the last digit of a+b, one token) or sum (the whole sum "
-                                   "a+b, one or two digits: a harder task with longer answers; the format warm-up "
-                                   "then uses random numbers 0..a_max+b_max)")
+                                   "a+b, one or two digits: longer answers, though not harder to learn in the staleness "
+                                   "study's pilots; the format warm-up then uses random numbers 0..a_max+b_max)")
     warmup_steps: int = _f(40, "task arith: supervised warm-up steps on the answer FORMAT only (a random digit "
                                "then EOS), so a random policy already scores ~0.1; 0 disables (task dataset: none)")
     warmup_batch_size: int = _f(64, "sequences per warm-up step")
