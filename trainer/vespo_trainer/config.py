@@ -83,6 +83,9 @@ class TaskConfig:
                                    "null: dataset when data.train_files is set, else arith")
     a_max: int = _f(9, "the first operand a takes the values 0..a_max")
     b_max: int = _f(9, "the second operand b takes the values 0..b_max (smaller: an easier table)")
+    answer: str = _f("last_digit", "task arith: last_digit (the last digit of a+b, one token) or sum (the whole sum "
+                                   "a+b, one or two digits: longer answers, though not harder to learn in the staleness "
+                                   "study's pilots; the format warm-up then uses random numbers 0..a_max+b_max)")
     warmup_steps: int = _f(40, "task arith: supervised warm-up steps on the answer FORMAT only (a random digit "
                                "then EOS), so a random policy already scores ~0.1; 0 disables (task dataset: none)")
     warmup_batch_size: int = _f(64, "sequences per warm-up step")
@@ -92,6 +95,7 @@ class TaskConfig:
         _one_of(self.name, "task.name", (None, "arith", "dataset"))
         _check(0 <= self.a_max <= 9, "task.a_max", f"must be in 0..9; got {self.a_max}")
         _check(0 <= self.b_max <= 9, "task.b_max", f"must be in 0..9; got {self.b_max}")
+        _one_of(self.answer, "task.answer", ("last_digit", "sum"))
         _check(self.warmup_steps >= 0, "task.warmup_steps", "must be >= 0")
         _check(self.warmup_batch_size >= 1, "task.warmup_batch_size", "must be >= 1")
         _check(self.warmup_lr > 0, "task.warmup_lr", "must be > 0")
@@ -344,6 +348,9 @@ class Config:
                "needs trainer.output_dir (the run to continue)")
         if self.task.name is None:
             self.task.name = "dataset" if self.data.train_files else "arith"
+        if self.task.name == "arith" and self.task.answer == "sum":
+            _check(self.rollout.max_new_tokens >= 3, "rollout.max_new_tokens",
+                   f"task.answer=sum needs 3 (two digits and EOS); got {self.rollout.max_new_tokens}")
         _check(self.task.name != "dataset" or bool(self.data.train_files), "task.name",
                "'dataset' needs data.train_files (local parquet files in veRL's schema)")
         _check(self.task.name != "arith" or not self.data.train_files, "data.train_files",

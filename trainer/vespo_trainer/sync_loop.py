@@ -26,7 +26,7 @@ from .config import Config, ConfigError, to_yaml
 from .interrupt import GracefulInterrupt, Interrupted, aborted
 from .metrics_log import Progress, RunLog
 from .reward import resolve_fn, reward_spec
-from .task import PromptStream, load_prompts, make_tokenizer, task_prompts, warmup_texts
+from .task import PromptStream, load_prompts, make_tokenizer, task_prompts, warmup_max_answer, warmup_texts
 
 LEARNER_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
                 "prompt_id", "advantages")
@@ -98,7 +98,8 @@ def start_run(cfg: Config, run_dir: str, actors, progress: Progress):
             progress.print(f"trainer.resume=true but {run_dir} has no checkpoint yet: starting from step 0")
         if cfg.task.warmup_steps and cfg.task.name == "arith":
             rng = random.Random(f"{tc.seed}/warmup")
-            pairs = [warmup_texts(task_prompts(cfg.task), cfg.task.warmup_batch_size, rng)
+            prompts = task_prompts(cfg.task)
+            pairs = [warmup_texts(prompts, cfg.task.warmup_batch_size, rng, warmup_max_answer(cfg.task))
                      for _ in range(cfg.task.warmup_steps)]
             w = ray.get(actors.learner.warmup.remote(pairs))
             progress.print(f"format warm-up: {w['warmup/steps']} steps, loss {w['warmup/loss_first']:.3f} -> "
