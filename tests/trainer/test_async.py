@@ -114,12 +114,13 @@ def test_partial_rollout_tags_each_token_with_its_version(ray_cluster):
     from vespo_trainer.model import build_model
     from vespo_trainer.rollout import RolloutWorker
     from vespo_trainer.task import Prompt, make_tokenizer, max_positions
+    from vespo_trainer.weight_sync import pack_bucket
 
     cfg = load_tiny("/tmp/unused", *ASYNC, "async.partial_rollout=true", "rollout.max_new_tokens=200",
                     "rollout.n=8", "model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=4")
     tok = make_tokenizer()
     models = [build_model(cfg.model, tok, seed=s, max_positions=max_positions(cfg)) for s in (1, 2)]
-    refs = [[ray.put({k: v.clone() for k, v in m.state_dict().items()})] for m in models]
+    refs = [[ray.put(pack_bucket(dict(m.state_dict())))] for m in models]
     worker = ray.remote(RolloutWorker).options(max_concurrency=4, num_cpus=0).remote(cfg, 0)
     ray.get(worker.update_weights.remote(refs[0], 10))
     prompts = [Prompt(i, f"{i}+{i}=", str(2 * i % 10)) for i in range(4)]

@@ -50,7 +50,12 @@ def test_ray_job_submit_async_run(tmp_path):
     head = subprocess.Popen(
         [os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats",
+         # every port of its own: the test session's Ray (and any other) already holds the defaults, and a
+         # dashboard agent that cannot bind its port leaves the job API answering "No available agent"
+         *(f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "runtime-env-agent-port", "metrics-export-port",
+                                                   "ray-client-server-port"))],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     run_dir = tmp_path / "job-run"
     try:
@@ -59,7 +64,7 @@ def test_ray_job_submit_async_run(tmp_path):
                "--working-dir", ".", "--", "vespo", "train", "--config", "examples/configs/tiny.yaml",
                "trainer.mode=async", "async.staleness_threshold=1", "trainer.total_steps=6",
                f"trainer.output_dir={run_dir}"]
-        for _ in range(60):  # the dashboard answers before its job agent is up: retry that refusal only
+        for _ in range(30):  # the dashboard answers before its job agent is up: retry that refusal only
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
             out = proc.stdout + proc.stderr
             if "No available agent" not in out:
