@@ -33,12 +33,10 @@ SETTINGS = {
                                       "async.staleness_threshold=0.5"],
     "async trigger=4 threshold=1": ["trainer.mode=async", "async.trigger_parameter_sync_step=4",
                                     "async.staleness_threshold=1"],
-    "async trigger=1 threshold=1": ["trainer.mode=async", "async.trigger_parameter_sync_step=1",
-                                    "async.staleness_threshold=1"],
     "async trigger=4 threshold=1 partial": ["trainer.mode=async", "async.trigger_parameter_sync_step=4",
                                             "async.staleness_threshold=1", "async.partial_rollout=true"],
-    "async trigger=4 threshold=0.5 partial": ["trainer.mode=async", "async.trigger_parameter_sync_step=4",
-                                              "async.staleness_threshold=0.5", "async.partial_rollout=true"],
+    "async trigger=4 threshold=1 chunk=8": ["trainer.mode=async", "async.trigger_parameter_sync_step=4",
+                                            "async.staleness_threshold=1", "async.rollout_chunk=8"],
 }
 
 
@@ -88,33 +86,42 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=8192, help="samples trained per setting")
     p.add_argument("--skip", type=int, default=1024, help="samples at the start left out of the rate")
     p.add_argument("--only", nargs="*", help="names of settings to run (default: all)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per setting, interleaved; the median is reported "
+                                                          "(this VM's speed drifts by tens of percent between runs)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     import ray
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    results = {}
+    names = [k for k in SETTINGS if not args.only or k in args.only]
+    runs = {k: [] for k in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, ov in SETTINGS.items():
-            if args.only and name not in args.only:
-                continue
-            recs, per_step, total_s = run_one(name, ov, args.samples, tmp)
-            results[name] = {**summarise(recs, args.skip, per_step), "total_s": total_s, "overrides": ov}
-            r = results[name]
-            print(f"{name:32s} {r['tokens_per_s']:8.0f} tok/s  lag mean {r['lag_mean']:.2f} max {r['lag_max']:.0f}  "
-                  f"util rollout {r['rollout_util']:.2f} learner {r['learner_util']:.2f}  "
-                  f"push {r['sync_s_per_push'] * 1e3:.1f} ms ({r['sync_s_per_mb'] * 1e3:.1f} ms/MiB)  "
-                  f"reward(last 20%) {r['reward_last']:.3f}", flush=True)
+        for rep in range(args.repeats):
+            for name in names:
+                recs, per_step, total_s = run_one(name, SETTINGS[name], args.samples, os.path.join(tmp, str(rep)))
+                r = {**summarise(recs, args.skip, per_step), "total_s": total_s}
+                runs[name].append(r)
+                print(f"[{rep + 1}/{args.repeats}] {name:38s} {r['tokens_per_s']:8.0f} tok/s  lag mean "
+                      f"{r['lag_mean']:.2f} max {r['lag_max']:.0f}  util rollout {r['rollout_util']:.2f} learner "
+                      f"{r['learner_util']:.2f}  push {r['sync_s_per_push'] * 1e3:.1f} ms "
+                      f"({r['sync_s_per_mb'] * 1e3:.1f} ms/MiB)  reward(last 20%) {r['reward_last']:.3f}", flush=True)
+    results = {}
+    for name, rs in runs.items():
+        rates = sorted(r["tokens_per_s"] for r in rs)
+        med = rs[[r["tokens_per_s"] for r in rs].index(rates[len(rates) // 2])]
+        results[name] = {**med, "tokens_per_s_runs": rates, "overrides": SETTINGS[name]}
     ray.shutdown()
     base = next((v for k, v in results.items() if k.startswith("sync")), None)
     if base:
         print("\nratio to sync (tokens/s):")
         for name, r in results.items():
             r["ratio_to_sync"] = r["tokens_per_s"] / base["tokens_per_s"]
-            print(f"  {name:32s} {r['ratio_to_sync']:.2f}x   (lag mean {r['lag_mean']:.2f})")
+            print(f"  {name:38s} {r['ratio_to_sync']:.2f}x   (lag mean {r['lag_mean']:.2f}, max {r['lag_max']:.0f}; "
+                  f"util rollout {r['rollout_util']:.2f} learner {r['learner_util']:.2f}; runs: "
+                  + ", ".join(f"{x:.0f}" for x in r["tokens_per_s_runs"]) + " tok/s)")
     if args.json:
         meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-                "samples": args.samples, "skip": args.skip}
+                "samples": args.samples, "skip": args.skip, "repeats": args.repeats}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
     return 0

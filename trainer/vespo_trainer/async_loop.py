@@ -34,6 +34,7 @@ from .sync_loop import LEARNER_KEYS, _save, batch_metrics, start_run
 from .task import PromptStream
 
 BUFFER_FILE = "async_buffer.pt"
+LEARNER_QUEUE = 2  # train calls queued on the learner: it starts the next step while the driver logs the last
 GROUP_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
               "prompt_id")
 
@@ -58,8 +59,9 @@ class AsyncDriver:
         self.busy = [False] * len(actors.rollout)
         self.outstanding = 0       # groups started and not yet trained (or dropped)
         self.budget = 0            # groups the rollout side may still start in this window
-        self.learner_busy = False
-        self.steps_since_push = 0
+        self.learner_inflight = 0  # train_batch calls issued and not answered (at most LEARNER_QUEUE)
+        self.steps_issued = 0      # optimizer steps issued so far (self.step: answered)
+        self.steps_since_push = 0  # steps issued since the last push was issued
         self.push = None           # the weight push in progress: {"stage", "pub", "t0", "loads"}
         self.applied = None        # the published weights the rollout workers run
         self.stats = {"dropped": 0, "restarts": 0, "reward_restarts": 0}
@@ -71,6 +73,7 @@ class AsyncDriver:
 
         cfg, tc = self.cfg, self.cfg.trainer
         self.step, state, info = start_run(cfg, self.run_dir, self.actors, self.progress)
+        self.steps_issued = self.step
         if state is not None:
             self._restore(state)
         self.progress.print(
@@ -89,12 +92,13 @@ class AsyncDriver:
         self._reset_interval()
         try:
             while self.step < tc.total_steps:
-                if self.stop.requested and not self.learner_busy:
+                if self.stop.requested and not self.learner_inflight:
                     self._save()
                     raise Interrupted(self.step, self.run_dir)
                 self._issue_rollouts()
                 self._maybe_load()
-                self._maybe_train()
+                while self._maybe_train():
+                    pass
                 if not self.inflight:
                     raise TrainingAborted("async loop: nothing in flight and nothing to train (a bug; please "
                                           f"report with the config): {self._describe()}")
@@ -238,9 +242,14 @@ class AsyncDriver:
             self.push = None
 
     # -- learner side ----------------------------------------------------------------------------
-    def _maybe_train(self) -> None:
-        if self.learner_busy or self.stop.requested or self.push is not None:
-            return
+    def _maybe_train(self) -> bool:
+        """Issue the next optimizer step if the learner may take it now; True if one was issued."""
+        tc = self.cfg.trainer
+        if (self.learner_inflight >= LEARNER_QUEUE or self.stop.requested or self.push is not None
+                or self.steps_issued >= tc.total_steps):
+            return False
+        if tc.save_every and self.steps_issued % tc.save_every == 0 and self.steps_issued > self.step:
+            return False  # a checkpoint is due after the steps in flight: it must see exactly those
         if self.ac.max_lag >= 0:
             while self.buffer and self._lag(self.buffer[0]) > self.ac.max_lag:
                 self.buffer.popleft()
@@ -248,7 +257,7 @@ class AsyncDriver:
                 self.stats["dropped"] += self.n
         k = self.cfg.async_step_groups
         if len(self.buffer) < k:
-            return
+            return False
         groups = [self.buffer.popleft() for _ in range(k)]
         batch = merge_rollouts(groups, self.tok.pad_token_id)
         rewards = torch.cat([g["rewards"] for g in groups])
@@ -256,7 +265,15 @@ class AsyncDriver:
                                                self.cfg.algorithm.norm_adv_by_std)
         ref = self.actors.learner.train_batch.remote({key: batch[key] for key in LEARNER_KEYS})
         self.inflight[ref] = ("train", batch, rewards, time.perf_counter())
-        self.learner_busy = True
+        self.learner_inflight += 1
+        self.steps_issued += 1
+        self.steps_since_push += 1
+        if self.steps_since_push == self.ac.trigger_parameter_sync_step and self.steps_issued < tc.total_steps:
+            # queued right behind that step on the learner: it publishes as soon as the step is done, and no
+            # further step is issued until the push has landed on every rollout worker
+            self.steps_since_push = 0
+            self._start_push()
+        return True
 
     def _lag(self, group) -> int:
         """The lag this group would be trained at now (learner version - oldest version of its tokens)."""
@@ -265,6 +282,7 @@ class AsyncDriver:
 
     @property
     def version(self) -> int:
+        """The learner version the next issued step will train at."""
         return self.rollout_version + self.steps_since_push
 
     def _on_trained(self, ref, batch, rewards, t_issue) -> None:
@@ -274,19 +292,16 @@ class AsyncDriver:
             out = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             raise aborted("the learner died in train_batch", exc, self.run_dir) from None
-        self.learner_busy = False
+        self.learner_inflight -= 1
         self.outstanding -= rewards.numel() // self.n
         step = self.step
         self.step += 1
-        self._log(step, batch, rewards, out, time.perf_counter() - t_issue)
         tc = self.cfg.trainer
         if self.step == tc.total_steps or (tc.save_every and self.step % tc.save_every == 0):
-            self._save()
-        if self.step < tc.total_steps:
-            self.steps_since_push += 1
-            if self.steps_since_push == self.ac.trigger_parameter_sync_step:
-                self.steps_since_push = 0
-                self._start_push()
+            self._save()  # nothing is in flight on the learner here (_maybe_train stops at save boundaries)
+        while self._maybe_train():  # keep the learner's queue full before the driver logs
+            pass
+        self._log(step, batch, rewards, out, time.perf_counter() - t_issue)
 
     # -- events ----------------------------------------------------------------------------------
     def _handle(self, ref) -> None:
@@ -302,6 +317,9 @@ class AsyncDriver:
         elif kind == "publish":
             try:
                 self.push["pub"] = ray.get(ref)
+                # the push is timed from here (+ the learner's own publish time): the publish call was queued
+                # behind an optimizer step, which is not weight-sync time
+                self.push["t0"] = time.perf_counter() - self.push["pub"].get("seconds", 0.0)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                 raise aborted("the learner died while publishing weights", exc, self.run_dir) from None
             self.push["stage"] = "drain"

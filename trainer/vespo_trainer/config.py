@@ -285,8 +285,9 @@ class AsyncConfig:
     partial_rollout: bool = _f(False, "a weight push interrupts generation in flight, which continues with the new "
                                       "weights (each token keeps the version and log-prob that produced it); "
                                       "false: the push waits for the generation in flight to finish")
-    rollout_chunk: int = _f(0, "prompt groups per generate call of a rollout worker (0: ppo_mini_batch_size / "
-                               "rollout.num_workers, at least 1)")
+    rollout_chunk: int = _f(0, "prompt groups per generate call of a rollout worker (0: the S groups of one push "
+                               "window / rollout.num_workers, at least 1; larger calls cost less per sample, "
+                               "smaller ones reach the learner sooner)")
     max_lag: int = _f(-1, "drop (and count in async/dropped_samples) a sample whose lag would exceed this at "
                           "training time; -1: never drop (the staleness_threshold budget bounds the lag)")
 
@@ -384,8 +385,9 @@ class Config:
 
     @property
     def rollout_chunk(self) -> int:
-        """Prompt groups per generate call in async mode."""
-        return self.async_.rollout_chunk or max(1, self.actor.ppo_mini_batch_size // self.rollout.num_workers)
+        """Prompt groups per generate call in async mode (default: a push window's S groups per worker)."""
+        S = self.async_.trigger_parameter_sync_step * self.async_step_groups
+        return self.async_.rollout_chunk or max(1, S // self.rollout.num_workers)
 
 
 ALIASES = {"async": "async_"}  # user-facing group name -> dataclass field (a Python keyword cannot be a field)
