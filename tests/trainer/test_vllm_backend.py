@@ -136,3 +136,28 @@ def test_train_with_vllm_rollouts(tmp_path, ray_cluster, mode):
         assert r["staleness/max"] == 0 or mode == "sync"
         # the learner recomputes old_logp with the weights it synced: vLLM sampled from the same policy
         assert r["rollout/logp_abs_diff"] < LOGP_MEAN_TOL, r["rollout/logp_abs_diff"]
+
+
+def test_vllm_serves_an_exported_hf_directory(tmp_path, ray_cluster):
+    """`model.path` with vLLM: a Hugging Face directory written by our export (save_hf_dir) is what the
+    engine loads; its samples' log-probs match transformers on the same directory."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from vespo_trainer.hf_export import make_tiny_hf_dir
+    from vespo_trainer.task import Prompt
+    from vespo_trainer.vllm_rollout import VllmRolloutWorker
+    from vespo_trainer.weight_sync import publish
+
+    path = make_tiny_hf_dir(str(tmp_path / "hf"), seed=7, hidden_size=64, num_heads=2, num_kv_heads=2)
+    cfg = load_tiny(tmp_path / "run", "rollout.backend=vllm", f"model.path={path}", "rollout.max_new_tokens=5")
+    hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).float().eval()
+    vw = ray.remote(VllmRolloutWorker).options(num_cpus=0).remote(cfg, 0)
+    try:
+        ray.get(vw.update_weights.remote(publish(hf, bucket_mb=64), 1))  # the same weights, through a sync
+        b = ray.get(vw.generate.remote([Prompt(i, f"{i}+{i}=", str(2 * i % 10)) for i in range(4)], 0, 0))
+        assert b["responses"].shape[0] == 4 * cfg.rollout.n and b["response_mask"].any()
+        mx, mean = _gap(hf, b, cfg.rollout.temperature)
+        assert mx < LOGP_MAX_TOL and mean < LOGP_MEAN_TOL, (mx, mean)
+    finally:
+        ray.kill(vw)
