@@ -105,6 +105,19 @@ def test_staleness_window_bounds_the_lag(tmp_path, ray_cluster):
     assert_every_sample_accounted(run, 4)
 
 
+def test_max_lag_drops_and_counts_older_samples(tmp_path, ray_cluster):
+    """async.max_lag=0 with a window that lets the rollout run one step ahead: only lag 0 is trained, the
+    rest is dropped and counted (and the run does not stall on the freed window slots)."""
+    from vespo_trainer.sync_loop import train
+
+    run = train(load_tiny(tmp_path / "d", *ASYNC, "trainer.total_steps=6", "data.train_batch_size=1",
+                          "actor.ppo_mini_batch_size=1", "async.staleness_threshold=1", "async.max_lag=0"))
+    recs = _records(run)
+    assert [r["step"] for r in recs] == list(range(6))
+    assert all(r["staleness/max"] == 0 for r in recs)
+    assert recs[-1]["async/dropped_samples"] > 0 and recs[-1]["async/dropped_samples"] % 4 == 0
+
+
 def test_partial_rollout_tags_each_token_with_its_version(ray_cluster):
     """A weight update lands mid-generation: the responses continue under the new weights; each token
     carries the version and the behaviour log-prob of the weights that sampled it."""

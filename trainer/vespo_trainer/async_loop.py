@@ -254,6 +254,7 @@ class AsyncDriver:
             while self.buffer and self._lag(self.buffer[0]) > self.ac.max_lag:
                 self.buffer.popleft()
                 self.outstanding -= 1
+                self.budget += 1  # its slot in the window is free again (else a window of drops would stall)
                 self.stats["dropped"] += self.n
         k = self.cfg.async_step_groups
         if len(self.buffer) < k:
