@@ -235,10 +235,18 @@ class AsyncDriver:
         p["mb"] = got["bytes"] / 2**20
         if not p["loads"]:
             self.applied, self.rollout_version = p["pub"], p["pub"]["version"]
-            self.budget = max(0, self.cfg.async_window - self.outstanding)
             self.iv["sync_s"] += time.perf_counter() - p["t0"]
             self.iv["sync_mb"] = p["mb"]
             self.iv["syncs"] += 1
+            p["stage"] = "landed"
+            self._close_push()
+
+    def _close_push(self) -> None:
+        """Open the next window once the push has landed AND the driver has the results of every step
+        trained before it (the learner group answers steps and the publish through separate tasks, so they
+        may arrive in either order): budget = (1 + threshold) x S - the groups still outstanding."""
+        if self.push is not None and self.push["stage"] == "landed" and not self.learner_inflight:
+            self.budget = max(0, self.cfg.async_window - self.outstanding)
             self.push = None
 
     # -- learner side ----------------------------------------------------------------------------
@@ -300,6 +308,7 @@ class AsyncDriver:
         tc = self.cfg.trainer
         if self.step == tc.total_steps or (tc.save_every and self.step % tc.save_every == 0):
             self._save()  # nothing is in flight on the learner here (_maybe_train stops at save boundaries)
+        self._close_push()
         while self._maybe_train():  # keep the learner's queue full before the driver logs
             pass
         self._log(step, batch, rewards, out, time.perf_counter() - t_issue)
