@@ -127,7 +127,6 @@ def _loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: GracefulI
     warned_reward = False
     try:
         for step in range(start_step, tc.total_steps):
-
             t0 = time.perf_counter()
             # 1. rollout: each worker gets a contiguous share of the prompt groups
             prompts = stream.next_batch(tb)
