@@ -70,7 +70,10 @@ def train(cfg: Config) -> str:
         try:
             loop(cfg, run_dir, actors, progress, stop, tok, prompts)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            raise aborted("an actor failed", exc, run_dir) from None
+            from .learner_group import LearnerFailed
+
+            learner = isinstance(exc, LearnerFailed) or "Learner" in str(exc).split("\n")[0]
+            raise aborted("the learner died" if learner else "an actor failed", exc, run_dir) from None
         finally:
             progress.close()
             stop_actors(actors)
