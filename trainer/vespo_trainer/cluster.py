@@ -88,7 +88,6 @@ def start_actors(cfg) -> Actors:
     import ray
 
     from .learner_group import LearnerGroup
-    from .reward import RewardWorker
 
     if cfg.rollout.backend == "vllm" and ray_address(cfg) is None:
         from .vllm_rollout import check_available
@@ -99,7 +98,7 @@ def start_actors(cfg) -> Actors:
     res = plan_resources(cfg, ray.cluster_resources())
     learner = LearnerGroup(cfg, res["learner"])
     rollout = [_new_rollout(cfg, res, rank) for rank in range(cfg.rollout.num_workers)]
-    reward = [ray.remote(RewardWorker).options(**res["reward"]).remote(cfg) for _ in range(cfg.reward.num_workers)]
+    reward = [_new_reward(cfg, res) for _ in range(cfg.reward.num_workers)]
     return Actors(learner, rollout, reward)
 
 
@@ -127,17 +126,23 @@ def restart_rollout(cfg, actors: Actors, rank: int):
     return actors.rollout[rank]
 
 
-def restart_reward(cfg, actors: Actors, index: int):
+def _new_reward(cfg, res: dict):
     import ray
 
     from .reward import RewardWorker
+
+    return ray.remote(RewardWorker).options(**res["reward"]).remote(cfg)
+
+
+def restart_reward(cfg, actors: Actors, index: int):
+    """Replace reward worker `index` (dead) by a fresh one."""
+    import ray
 
     try:
         ray.kill(actors.reward[index])
     except Exception:
         pass
-    res = plan_resources(cfg, ray.cluster_resources(), check=False)
-    actors.reward[index] = ray.remote(RewardWorker).options(**res["reward"]).remote(cfg)
+    actors.reward[index] = _new_reward(cfg, plan_resources(cfg, ray.cluster_resources(), check=False))
     return actors.reward[index]
 
 
