@@ -167,6 +167,34 @@ cu_seqlens = torch.arange(0, T + 1, L, device=device, dtype=torch.int64)
 seq_id = torch.arange(S, device=device).repeat_interleave(L)  # eager's segment ids (the fused op reads cu_seqlens)
 del logp_now
 logits_bytes = logits.numel() * logits.element_size()
+# The fewest bytes one fwd+bwd must move: the forward reads the logits, the backward reads them again
+# and writes a gradient of the same size (3 logits buffers); divided by a time, an achieved bandwidth.
+min_bytes = 3 * logits_bytes
+
+
+def copy_bandwidth(n_bytes=4 * 2**30, reps=10):
+    """Device-to-device copy rate (bytes read + written per second, median): the memory ceiling."""
+    a = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    times = []
+    for i in range(reps + 2):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(e0.elapsed_time(e1) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n_bytes / statistics.median(times)
+
+
+if is_cuda:
+    machine["copy_GBps"] = copy_bandwidth() / 1e9
+    log(f"device-to-device copy: {machine['copy_GBps']:.0f} GB/s (read + write; the memory ceiling); "
+        f"one fwd+bwd moves at least {min_bytes / 1e9:.2f} GB, so no version beats "
+        f"{min_bytes / (machine['copy_GBps'] * 1e9) * 1e3:.2f} ms here")
 
 # -----------------------------------------------------------------------------
 # The implementations. Each variant is (prepare, loss_fn, grad_rows):
@@ -619,7 +647,9 @@ for loss_name in losses:
     for r in res["variants"].values():
         if "fwd_bwd_ms" in r and eager_ms:
             r["speedup_vs_eager"] = eager_ms / r["fwd_bwd_ms"]
-    hdr = f"{'variant':34s} | {'fwd+bwd ms':>10s} | {'speedup vs eager':>16s} | {'peak extra MB':>13s} | {'x logits':>8s}"
+        if "fwd_bwd_ms" in r:  # the 3 logits buffers any version must move, over its time
+            r["min_bytes_GBps"] = min_bytes / (r["fwd_bwd_ms"] / 1e3) / 1e9
+    hdr = f"{'variant':34s} | {'fwd+bwd ms':>10s} | {'speedup vs eager':>16s} | {'peak extra MB':>13s} | {'x logits':>8s} | {'GB/s*':>7s}"
     print(f"\n{loss_name} | {machine['name']} | {args.threads} threads | T={T} V={V} {dtype_name} | "
           f"logits {logits_bytes / MB:.1f} MB")
     print(hdr)
@@ -630,7 +660,10 @@ for loss_name in losses:
             continue
         sp = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"
         mem = f"{r['peak_extra_mb']:13.1f} | {r['x_logits']:8.2f}" if "peak_extra_mb" in r else f"{'-':>13s} | {'-':>8s}"
-        print(f"{r['label']:34s} | {r['fwd_bwd_ms']:10.2f} | {sp:>16s} | {mem}")
+        bw = f" | {r['min_bytes_GBps']:7.0f}" + (f" ({r['min_bytes_GBps'] / machine['copy_GBps']:.0%} of copy)"
+                                                 if machine.get("copy_GBps") else "")
+        print(f"{r['label']:34s} | {r['fwd_bwd_ms']:10.2f} | {sp:>16s} | {mem}{bw}")
+    print("* GB/s: 3 logits buffers (fwd read, bwd read, grad write) over the fwd+bwd time")
     print("\nforward / backward alone (ms, medians), fastest fwd+bwd, process CPU time per fwd+bwd:")
     for name, r in res["variants"].items():
         if "fwd_ms" in r:

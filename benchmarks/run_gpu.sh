@@ -4,10 +4,11 @@
 #   bash benchmarks/run_gpu.sh          # from anywhere; runs in the repository root
 #
 #   1. pip install --no-build-isolation --no-deps .   (CUDA module for this GPU's architecture only)
-#   2. python -m pytest tests -q -m "not slow"
-#   3. compute-sanitizer memcheck on benchmarks/cuda_smoke.py (all shapes, incl. V=151937), and
+#   2. benchmarks/cuda_smoke.py, then python -m pytest tests --ignore=tests/trainer -m "not slow"
+#      (pytest-xdist, 8 workers, when installed; PYTEST_ARGS adds arguments, e.g. PYTEST_ARGS="-k cuda")
+#   3. python benchmarks/bench_vespo_loss.py --device cuda --json benchmarks/results/<gpu>.json
+#   4. compute-sanitizer memcheck on benchmarks/cuda_smoke.py (all shapes, incl. V=151937), and
 #      racecheck on its --quick shapes
-#   4. python benchmarks/bench_vespo_loss.py --device cuda --json benchmarks/results/<gpu>.json
 #
 # A failing step does not stop the later ones; the exit code is non-zero if any failed. Each step has
 # a time limit (typical runs take far less); SKIP_TESTS=1, SKIP_SANITIZER=1 or SKIP_BENCH=1 leave a step
@@ -17,7 +18,8 @@
 # it, fetch its wheel on the development machine first and carry the folder (it is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: -d benchmarks/wheels liger-kernel==0.8.5
 #   run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"])
-# With $OUT set (the device tool's return folder), the log and the JSON are copied there.
+# With $OUT set (the device tool's return folder), the log is written there as it goes and the JSON is
+# copied there right after the benchmark, so a run cut off in the sanitizer step still returns both.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -58,10 +60,24 @@ step build 240 $PY -m pip install --no-build-isolation --no-deps -q \
 step import 60 $PY -c "import torch, vespo_ext._cuda, vespo_ext._backend as b; \
 assert b.has_kernels(torch.device('cuda')); print('vespo_ext._cuda loaded:', vespo_ext._cuda.__file__)"
 
-# 2. The test suite (CUDA tests run here; slow ones are left out).
-[ -n "${SKIP_TESTS:-}" ] || step tests 150 $PY -m pytest tests -q -m "not slow"
+# 2. A first look (seconds): the smoke test without the sanitizer, then the kernel test suite
+#    (CPU and CUDA tests under this image's torch; the trainer's tests need Ray and skip here),
+#    spread over the cores with pytest-xdist when it is installed.
+step smoke 60 $PY benchmarks/cuda_smoke.py
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+# shellcheck disable=SC2086
+[ -n "${SKIP_TESTS:-}" ] || step tests 180 $PY -m pytest tests --ignore=tests/trainer -q -m "not slow" \
+  -p no:cacheprovider $XDIST ${PYTEST_ARGS:-}
 
-# 3. compute-sanitizer on the smoke test. Without torch's caching allocator every tensor is its own
+# 3. The benchmark (T=32768 V=151936 bf16 by default on CUDA).
+GPU=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))" 2>/dev/null || echo gpu)
+JSON=benchmarks/results/${GPU}.json
+# shellcheck disable=SC2086
+[ -n "${SKIP_BENCH:-}" ] || step bench 200 $PY benchmarks/bench_vespo_loss.py --device cuda --json "$JSON" ${BENCH_ARGS:-}
+
+if [ -n "${OUT:-}" ] && [ -f "$JSON" ]; then cp "$JSON" "$OUT/"; fi
+
+# 4. compute-sanitizer on the smoke test. Without torch's caching allocator every tensor is its own
 #    cudaMalloc, so an out-of-bounds access falls outside an allocation and memcheck reports it.
 if [ -n "${SKIP_SANITIZER:-}" ]; then
   echo "sanitizer: skipped (SKIP_SANITIZER)" | tee -a "$LOG"
@@ -71,17 +87,9 @@ elif command -v compute-sanitizer >/dev/null; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
     --target-processes all $PY benchmarks/cuda_smoke.py --quick
 else
-  echo "compute-sanitizer not found; running the smoke test plainly" | tee -a "$LOG"
-  step smoke 120 $PY benchmarks/cuda_smoke.py
+  echo "compute-sanitizer not found: no memcheck/racecheck (the smoke test ran plainly in step 2)" | tee -a "$LOG"
 fi
 
-# 4. The benchmark (T=32768 V=151936 bf16 by default on CUDA).
-GPU=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))" 2>/dev/null || echo gpu)
-JSON=benchmarks/results/${GPU}.json
-# shellcheck disable=SC2086
-[ -n "${SKIP_BENCH:-}" ] || step bench 300 $PY benchmarks/bench_vespo_loss.py --device cuda --json "$JSON" ${BENCH_ARGS:-}
-
-if [ -n "${OUT:-}" ] && [ -f "$JSON" ]; then cp "$JSON" "$OUT/"; fi
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "FAILED steps: ${FAILED[*]} (total ${SECONDS}s)" | tee -a "$LOG"
   exit 1
