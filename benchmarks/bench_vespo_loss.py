@@ -533,6 +533,7 @@ results = {"machine": machine, "timestamp": datetime.datetime.now(datetime.timez
            "liger": liger_note or "liger_kernel.transformers.grpo_loss.triton_grpo_loss", "note": args.note,
            "losses": {}}
 
+check_failures = []
 for loss_name in losses:
     log(f"\n== loss {loss_name} ==")
     res = {"variants": {}, "checks": {}}
@@ -567,7 +568,12 @@ for loss_name in losses:
     if chk["eager_vs_reference_loss"] > LOSS_TOL or chk["eager_vs_reference_grad"] > GRAD_TOL:
         sys.exit("ABORT: the eager baseline does not match vespo_ext.reference")
     if chk["fused_vs_eager_loss"] > LOSS_TOL or chk["fused_vs_eager_grad"] > GRAD_TOL:
-        sys.exit("ABORT: the fused op does not match eager")
+        # Timed anyway (the numbers are recorded with the failed check), but the run exits non-zero.
+        chk["passed"] = False
+        check_failures.append(loss_name)
+        log("CHECK FAILED: the fused op does not match eager within the tolerances; timing it anyway")
+    else:
+        chk["passed"] = True
     del xa, xb, xc, la, lb, lc, ga, gb, gc_, sub
 
     # --- the variants -------------------------------------------------------------------------
@@ -704,3 +710,5 @@ if args.json:
     with open(args.json, "w") as fh:
         json.dump(results, fh, indent=2)
     print(f"\nwrote {args.json}")
+if check_failures:
+    sys.exit(f"CHECK FAILED for {', '.join(check_failures)}: the fused op does not match eager (see above)")

@@ -5,7 +5,7 @@
 #
 #   1. pip install --no-build-isolation --no-deps .   (CUDA module for this GPU's architecture only)
 #   2. benchmarks/cuda_smoke.py, then python -m pytest tests --ignore=tests/trainer -m "not slow"
-#      (pytest-xdist, 8 workers, when installed; PYTEST_ARGS adds arguments, e.g. PYTEST_ARGS="-k cuda")
+#      (pytest-xdist, 12 workers, when installed; PYTEST_ARGS adds arguments, e.g. PYTEST_ARGS="-k cuda")
 #   3. python benchmarks/bench_vespo_loss.py --device cuda --json benchmarks/results/<gpu>.json
 #   4. compute-sanitizer memcheck on benchmarks/cuda_smoke.py (all shapes, incl. V=151937), and
 #      racecheck on its --quick shapes
@@ -64,7 +64,7 @@ assert b.has_kernels(torch.device('cuda')); print('vespo_ext._cuda loaded:', ves
 #    (CPU and CUDA tests under this image's torch; the trainer's tests need Ray and skip here),
 #    spread over the cores with pytest-xdist when it is installed.
 step smoke 60 $PY benchmarks/cuda_smoke.py
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
 # shellcheck disable=SC2086
 [ -n "${SKIP_TESTS:-}" ] || step tests 180 $PY -m pytest tests --ignore=tests/trainer -q -m "not slow" \
   -p no:cacheprovider $XDIST ${PYTEST_ARGS:-}

@@ -27,6 +27,31 @@ namespace {
 constexpr bool kIsCuda = std::string_view(VESPO_STR(VESPO_BACKEND)) == "cuda";
 const char* kModule = kIsCuda ? "vespo_ext._cuda" : "vespo_ext._core";
 
+// Runs a binding's body and turns any C++ exception into the Python error it stands for, here, in
+// this module: std::invalid_argument -> ValueError, pybind11's builtin exceptions -> their type,
+// anything else -> RuntimeError. pybind11's dispatcher (compiled into this module) catches the
+// resulting error_already_set itself, so no exception is rethrown by a translator that another
+// extension registered. (A process-wide translator did that: on an H200 machine, errors raised by
+// _core segfaulted once _cuda, linked by nvcc with the static CUDA runtime, was loaded beside it.)
+// The body's Arrays are destroyed, and their capsules returned, before the handler runs.
+template <class Body>
+void checked(Body&& body) {
+  try {
+    body();
+  } catch (py::error_already_set&) {
+    throw;
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+    throw py::error_already_set();
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    throw py::error_already_set();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    throw py::error_already_set();
+  }
+}
+
 std::string shape_str(const vespo::dl::Tensor& t) {
   std::ostringstream os;
   os << "(";
@@ -170,109 +195,115 @@ void out_vector(const Array& a, const Array& logits, int64_t n) {
 void logprob_fwd(py::handle logits_o, py::handle labels_o, py::handle mask_o, py::handle logp_o, py::handle lse_o,
                  py::handle entropy_o, py::handle bad_o, double inv_temperature, int64_t ignore_index, int num_threads,
                  uintptr_t stream) {
-  Array logits(logits_o, "logits"), labels(labels_o, "labels"), mask(mask_o, "mask"), logp(logp_o, "logp"),
-      lse(lse_o, "lse"), entropy(entropy_o, "entropy"), bad(bad_o, "bad_label_row");
-  auto p = logprob_params(logits, labels, mask, inv_temperature, ignore_index, num_threads, stream);
-  out_vector(logp, logits, p.T);
-  out_vector(lse, logits, p.T);
-  if (entropy.present()) out_vector(entropy, logits, p.T);
-  bad.require_vector(1, kI64, "int64");
-  p.logp = logp.ptr<float>();
-  p.lse = lse.ptr<float>();
-  p.entropy = entropy.ptr<float>();
-  p.bad_label_row = bad.ptr<int64_t>();
-  py::gil_scoped_release nogil;
-  be::logprob_fwd(p);
+  checked([&] {
+    Array logits(logits_o, "logits"), labels(labels_o, "labels"), mask(mask_o, "mask"), logp(logp_o, "logp"),
+        lse(lse_o, "lse"), entropy(entropy_o, "entropy"), bad(bad_o, "bad_label_row");
+    auto p = logprob_params(logits, labels, mask, inv_temperature, ignore_index, num_threads, stream);
+    out_vector(logp, logits, p.T);
+    out_vector(lse, logits, p.T);
+    if (entropy.present()) out_vector(entropy, logits, p.T);
+    bad.require_vector(1, kI64, "int64");
+    p.logp = logp.ptr<float>();
+    p.lse = lse.ptr<float>();
+    p.entropy = entropy.ptr<float>();
+    p.bad_label_row = bad.ptr<int64_t>();
+    py::gil_scoped_release nogil;
+    be::logprob_fwd(p);
+  });
 }
 
 void logprob_bwd(py::handle logits_o, py::handle labels_o, py::handle mask_o, py::handle logp_o, py::handle lse_o,
                  py::handle dlogp_o, py::handle scale_o, py::handle grad_o, double inv_temperature, int64_t ignore_index,
                  int num_threads, uintptr_t stream) {
-  Array logits(logits_o, "logits"), labels(labels_o, "labels"), mask(mask_o, "mask"), logp(logp_o, "logp"),
-      lse(lse_o, "lse"), dlogp(dlogp_o, "dlogp"), scale(scale_o, "grad_scale"), grad(grad_o, "grad");
-  auto p = logprob_params(logits, labels, mask, inv_temperature, ignore_index, num_threads, stream);
-  out_vector(logp, logits, p.T);
-  out_vector(lse, logits, p.T);
-  out_vector(dlogp, logits, p.T);
-  if (scale.present()) {
-    scale.require_device();
-    if (scale.numel() != 1) scale.fail("must hold one element");
-    scale.require_dtype(kF32, "float32");
-    require_same_device(logits, scale);
-  }
-  grad.require_device();
-  require_same_device(logits, grad);
-  if (grad.t().ndim != 2 || grad.dim(0) != p.T || grad.dim(1) != p.V)
-    grad.fail("must have the logits' shape " + shape_str(logits.t()) + ", got " + shape_str(grad.t()));
-  if (logits_dtype(grad) != p.dtype) grad.fail("must have the logits' dtype");
-  if (p.V > 1 && grad.stride(1) != 1) grad.fail("must have unit stride along the vocabulary");
-  p.logp = logp.ptr<float>();
-  p.lse = lse.ptr<float>();
-  p.dlogp = dlogp.ptr<float>();
-  p.grad_scale = scale.ptr<float>();
-  p.grad = grad.data();
-  p.grad_row_stride = p.T > 1 ? grad.stride(0) : p.V;
-  if (p.T > 1 && p.grad_row_stride < p.V) grad.fail("rows must not overlap");
-  py::gil_scoped_release nogil;
-  be::logprob_bwd(p);
+  checked([&] {
+    Array logits(logits_o, "logits"), labels(labels_o, "labels"), mask(mask_o, "mask"), logp(logp_o, "logp"),
+        lse(lse_o, "lse"), dlogp(dlogp_o, "dlogp"), scale(scale_o, "grad_scale"), grad(grad_o, "grad");
+    auto p = logprob_params(logits, labels, mask, inv_temperature, ignore_index, num_threads, stream);
+    out_vector(logp, logits, p.T);
+    out_vector(lse, logits, p.T);
+    out_vector(dlogp, logits, p.T);
+    if (scale.present()) {
+      scale.require_device();
+      if (scale.numel() != 1) scale.fail("must hold one element");
+      scale.require_dtype(kF32, "float32");
+      require_same_device(logits, scale);
+    }
+    grad.require_device();
+    require_same_device(logits, grad);
+    if (grad.t().ndim != 2 || grad.dim(0) != p.T || grad.dim(1) != p.V)
+      grad.fail("must have the logits' shape " + shape_str(logits.t()) + ", got " + shape_str(grad.t()));
+    if (logits_dtype(grad) != p.dtype) grad.fail("must have the logits' dtype");
+    if (p.V > 1 && grad.stride(1) != 1) grad.fail("must have unit stride along the vocabulary");
+    p.logp = logp.ptr<float>();
+    p.lse = lse.ptr<float>();
+    p.dlogp = dlogp.ptr<float>();
+    p.grad_scale = scale.ptr<float>();
+    p.grad = grad.data();
+    p.grad_row_stride = p.T > 1 ? grad.stride(0) : p.V;
+    if (p.T > 1 && p.grad_row_stride < p.V) grad.fail("rows must not overlap");
+    py::gil_scoped_release nogil;
+    be::logprob_bwd(p);
+  });
 }
 
 void seq_reduce(py::handle cu_o, py::handle logp_o, py::handle old_o, py::handle adv_o, py::handle mask_o,
                 py::handle isw_o, py::handle norm_o, py::handle loss_o, py::handle dlogp_o, py::handle metrics_o,
                 py::handle ws_o, int loss_type, std::vector<double> params, int agg, double norm_len, int num_threads,
                 uintptr_t stream) {
-  Array cu(cu_o, "cu_seqlens"), logp(logp_o, "logp"), old(old_o, "old_logp"), adv(adv_o, "advantages"),
-      mask(mask_o, "mask"), isw(isw_o, "rollout_is_weights"), norm(norm_o, "norm"), loss(loss_o, "loss"),
-      dlogp(dlogp_o, "dlogp"), metrics(metrics_o, "metrics"), ws(ws_o, "workspace");
-  logp.require_vector(-1, kF32, "float32");
-  const int64_t T = logp.dim(0);
-  cu.require_vector(-1, kI64, "int64");
-  if (cu.dim(0) < 1) cu.fail("must have at least one entry");
-  const int64_t S = cu.dim(0) - 1;
-  for (const Array* a : {&cu, &old, &adv, &mask, &isw, &norm, &loss, &dlogp, &metrics, &ws}) require_same_device(logp, *a);
-  old.require_vector(T, kF32, "float32");
-  adv.require_vector(-1, kF32, "float32");
-  if (adv.dim(0) != S && adv.dim(0) != T)
-    adv.fail("must have one value per sequence (" + std::to_string(S) + ") or per token (" + std::to_string(T) + "), got " +
-             shape_str(adv.t()));
-  if (mask.present()) mask.require_vector(T, kMaskTypes, "uint8 or bool");
-  if (isw.present()) isw.require_vector(T, kF32, "float32");
-  if (norm.present()) norm.require_vector(1, kF32, "float32");
-  loss.require_vector(1, kF32, "float32");
-  dlogp.require_vector(T, kF32, "float32");
-  metrics.require_vector(vespo::kNumMetrics, kF32, "float32");
-  ws.require_vector((S + 1) * vespo::kSeqStride, {{vespo::dl::kFloat, 64}}, "float64");
-  if (loss_type < 0 || loss_type > static_cast<int>(vespo::LossType::kCispo))
-    throw std::invalid_argument(std::string(kModule) + ": unknown loss type " + std::to_string(loss_type));
-  if (agg < 0 || agg > static_cast<int>(vespo::Agg::kSeqMeanTokenSumNorm))
-    throw std::invalid_argument(std::string(kModule) + ": unknown aggregation mode " + std::to_string(agg));
-  if (params.size() > static_cast<size_t>(vespo::kMaxLossParams))
-    throw std::invalid_argument(std::string(kModule) + ": too many loss parameters");
-  vespo::SeqParams p;
-  p.T = T;
-  p.S = S;
-  p.cu_seqlens = cu.ptr<int64_t>();
-  p.logp = logp.ptr<float>();
-  p.old_logp = old.ptr<float>();
-  p.adv = adv.ptr<float>();
-  // One value per sequence whenever the length is S (if S == T and every sequence has one token,
-  // the two readings are the same values).
-  p.adv_per_token = adv.dim(0) != S;
-  p.mask = mask.ptr<uint8_t>();
-  p.is_weights = isw.ptr<float>();
-  p.loss = static_cast<vespo::LossType>(loss_type);
-  for (size_t k = 0; k < params.size(); ++k) p.p[k] = params[k];
-  p.agg = static_cast<vespo::Agg>(agg);
-  p.norm = norm.ptr<float>();
-  p.norm_len = norm_len;
-  p.loss_out = loss.ptr<float>();
-  p.dlogp = dlogp.ptr<float>();
-  p.metrics = metrics.ptr<float>();
-  p.seq_ws = ws.ptr<double>();
-  p.num_threads = num_threads;
-  p.stream = reinterpret_cast<void*>(stream);
-  py::gil_scoped_release nogil;
-  be::seq_reduce(p);
+  checked([&] {
+    Array cu(cu_o, "cu_seqlens"), logp(logp_o, "logp"), old(old_o, "old_logp"), adv(adv_o, "advantages"),
+        mask(mask_o, "mask"), isw(isw_o, "rollout_is_weights"), norm(norm_o, "norm"), loss(loss_o, "loss"),
+        dlogp(dlogp_o, "dlogp"), metrics(metrics_o, "metrics"), ws(ws_o, "workspace");
+    logp.require_vector(-1, kF32, "float32");
+    const int64_t T = logp.dim(0);
+    cu.require_vector(-1, kI64, "int64");
+    if (cu.dim(0) < 1) cu.fail("must have at least one entry");
+    const int64_t S = cu.dim(0) - 1;
+    for (const Array* a : {&cu, &old, &adv, &mask, &isw, &norm, &loss, &dlogp, &metrics, &ws}) require_same_device(logp, *a);
+    old.require_vector(T, kF32, "float32");
+    adv.require_vector(-1, kF32, "float32");
+    if (adv.dim(0) != S && adv.dim(0) != T)
+      adv.fail("must have one value per sequence (" + std::to_string(S) + ") or per token (" + std::to_string(T) + "), got " +
+               shape_str(adv.t()));
+    if (mask.present()) mask.require_vector(T, kMaskTypes, "uint8 or bool");
+    if (isw.present()) isw.require_vector(T, kF32, "float32");
+    if (norm.present()) norm.require_vector(1, kF32, "float32");
+    loss.require_vector(1, kF32, "float32");
+    dlogp.require_vector(T, kF32, "float32");
+    metrics.require_vector(vespo::kNumMetrics, kF32, "float32");
+    ws.require_vector((S + 1) * vespo::kSeqStride, {{vespo::dl::kFloat, 64}}, "float64");
+    if (loss_type < 0 || loss_type > static_cast<int>(vespo::LossType::kCispo))
+      throw std::invalid_argument(std::string(kModule) + ": unknown loss type " + std::to_string(loss_type));
+    if (agg < 0 || agg > static_cast<int>(vespo::Agg::kSeqMeanTokenSumNorm))
+      throw std::invalid_argument(std::string(kModule) + ": unknown aggregation mode " + std::to_string(agg));
+    if (params.size() > static_cast<size_t>(vespo::kMaxLossParams))
+      throw std::invalid_argument(std::string(kModule) + ": too many loss parameters");
+    vespo::SeqParams p;
+    p.T = T;
+    p.S = S;
+    p.cu_seqlens = cu.ptr<int64_t>();
+    p.logp = logp.ptr<float>();
+    p.old_logp = old.ptr<float>();
+    p.adv = adv.ptr<float>();
+    // One value per sequence whenever the length is S (if S == T and every sequence has one token,
+    // the two readings are the same values).
+    p.adv_per_token = adv.dim(0) != S;
+    p.mask = mask.ptr<uint8_t>();
+    p.is_weights = isw.ptr<float>();
+    p.loss = static_cast<vespo::LossType>(loss_type);
+    for (size_t k = 0; k < params.size(); ++k) p.p[k] = params[k];
+    p.agg = static_cast<vespo::Agg>(agg);
+    p.norm = norm.ptr<float>();
+    p.norm_len = norm_len;
+    p.loss_out = loss.ptr<float>();
+    p.dlogp = dlogp.ptr<float>();
+    p.metrics = metrics.ptr<float>();
+    p.seq_ws = ws.ptr<double>();
+    p.num_threads = num_threads;
+    p.stream = reinterpret_cast<void*>(stream);
+    py::gil_scoped_release nogil;
+    be::seq_reduce(p);
+  });
 }
 
 }  // namespace
@@ -282,13 +313,6 @@ PYBIND11_MODULE(VESPO_MODULE, m) {
   m.attr("backend") = VESPO_STR(VESPO_BACKEND);
   m.attr("num_metrics") = static_cast<int>(vespo::kNumMetrics);
   m.attr("seq_stride") = static_cast<int>(vespo::kSeqStride);
-  py::register_exception_translator([](std::exception_ptr e) {
-    try {
-      if (e) std::rethrow_exception(e);
-    } catch (const std::invalid_argument& ex) {
-      PyErr_SetString(PyExc_ValueError, ex.what());
-    }
-  });
   m.def("logprob_fwd", &logprob_fwd, py::arg("logits"), py::arg("labels"), py::arg("mask"), py::arg("logp"),
         py::arg("lse"), py::arg("entropy"), py::arg("bad_label_row"), py::kw_only(), py::arg("inv_temperature"),
         py::arg("ignore_index") = -100, py::arg("num_threads") = 1, py::arg("stream") = 0,

@@ -180,7 +180,7 @@ def run_adapter(name, batch, mode, cfg, dtype=torch.float32, device="cpu"):
     loss, metrics = V.policy_loss_fn(name)(b["old_log_prob"], lp, b["advantages"], b["response_mask"], mode, cfg,
                                            b.get("rollout_is_weights"))
     loss.backward()
-    assert loss.device == lp.grad.device == torch.device(device)
+    assert loss.device.type == lp.grad.device.type == torch.device(device).type
     return loss.detach().cpu(), lp.grad.cpu(), metrics
 
 

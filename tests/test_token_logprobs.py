@@ -161,13 +161,24 @@ def test_cu_seqlens_accepted_and_checked(device):
         vespo_ext.token_logprobs(logits, labels, cu_seqlens=torch.tensor([0, 3, 6], device=device))
 
 
+def assert_same_up_to_row_alignment(a, b, device):
+    """CPU: bitwise equal. CUDA: a row's 16-byte alignment decides which elements a thread reads as a
+    vector, hence the order of the row's sum: a strided view may differ from its contiguous copy in
+    the last bits (each layout is still deterministic run to run)."""
+    for x, y in zip(a, b):
+        if torch.device(device).type == "cpu":
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
 def test_non_contiguous_logits(device):
     big = torch.randn(3, 4, 40, device=device)
     logits = big[:, :, 5:30]
     labels = torch.randint(0, 25, (3, 4), device=device)
     a = vespo_ext.token_logprobs(logits, labels, return_entropy=True)
     b = vespo_ext.token_logprobs(logits.contiguous(), labels, return_entropy=True)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert_same_up_to_row_alignment(a, b, device)
     t = torch.randn(40, 6, device=device).t()  # (6, 40) with unit stride along rows, not along V
     lt = torch.randint(0, 40, (6,), device=device)
     assert torch.equal(vespo_ext.token_logprobs(t, lt), vespo_ext.token_logprobs(t.contiguous(), lt))

@@ -327,7 +327,12 @@ def test_grad_inplace(device, dtype):
     big.requires_grad_(True)
     view = big * 1
     vespo_ext.vespo_loss(view[..., :V], agg="seq-mean-token-mean", grad_inplace=True, **args).backward()
-    assert torch.equal(big.grad[..., :V], g_ref) and torch.count_nonzero(big.grad[..., V:]) == 0
+    if device.type == "cpu":
+        assert torch.equal(big.grad[..., :V], g_ref)
+    else:  # another row alignment: another order of the row sums on CUDA (see test_token_logprobs)
+        tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+        torch.testing.assert_close(big.grad[..., :V], g_ref, rtol=tol, atol=tol * g_ref.abs().max().item())
+    assert torch.count_nonzero(big.grad[..., V:]) == 0
     assert torch.equal(view[..., V:].detach(), pad)
 
 

@@ -16,6 +16,7 @@ namespace {
 
 using detail::Elem;
 using detail::ex2;
+using detail::exp2_poly;
 using detail::kLn2;
 using detail::kLog2e;
 using detail::block_allreduce;
@@ -27,39 +28,40 @@ constexpr int kUnroll = 4;  // 16-byte vectors in flight per thread per loop ste
 // ------------------------------------------------------------------------------------------------
 // Online softmax state of one thread (or a merged group of threads), in base 2:
 //   zmax: the largest raw logit seen (-inf if none),
-//   mb  : the reference point max(fl(zmax * c2), -FLT_MAX), c2 = log2(e) / tau,
-//   s   : sum_v 2^(z_v * c2 - mb),
-//   r   : sum_v 2^d_v * d_v with d_v = z_v * c2 - mb (entropy only).
-// The finite floor on mb keeps z * c2 - mb from being (-inf) - (-inf) = NaN on rows that start
-// with -inf logits. Since tau > 0 (host check), max(z * c2) = fl(max(z) * c2) exactly.
+//   s   : sum_v 2^d_v with d_v = (z_v - ref) * c2, ref = max(zmax, -FLT_MAX), c2 = log2(e) / tau,
+//   r   : sum_v 2^d_v * d_v (entropy only).
+// The max element's d is exactly 0 (its term exactly 1), so a one-token vocabulary gives log-prob
+// 0 and entropy 0 exactly, as torch does. The finite floor on ref keeps (-inf) - (-inf) = NaN out
+// of rows that start with -inf logits. Exponentials use exp2_poly (no systematic error: these sums
+// feed log W, summed over a whole sequence); only the rare rescales could use ex2, but take the
+// same function for one error model.
 // ------------------------------------------------------------------------------------------------
 struct SmState {
-  float zmax, mb, s, r;
+  float zmax, s, r;
 };
 
-__device__ __forceinline__ float ref_point(float zmax, float c2) { return fmaxf(zmax * c2, -FLT_MAX); }
+__device__ __forceinline__ float ref_of(float zmax) { return fmaxf(zmax, -FLT_MAX); }
 
-// Folds N logits into the state: one rescale per call (if the max grew), then N exp2's.
+// Folds N logits into the state: one rescale per call (if the max grew), then N exponentials.
 template <int N, bool ENT>
 __device__ __forceinline__ void fold(SmState& st, const float (&z)[N], float c2) {
   float zm = z[0];
 #pragma unroll
   for (int j = 1; j < N; ++j) zm = fmaxf(zm, z[j]);
   if (zm > st.zmax) {  // false for NaN: a NaN logit then reaches s below and propagates
-    const float nb = ref_point(zm, c2);
-    const float dm = st.mb - nb;  // <= 0, possibly -inf
-    const float sc = ex2(dm);
-    // r' = sum 2^(d - (nb - mb)) (d + mb - nb) = sc * (r + dm * s); guarded so -inf * 0 cannot occur.
+    const float dm = (ref_of(st.zmax) - ref_of(zm)) * c2;  // <= 0, possibly -inf
+    const float sc = exp2_poly(dm);
+    // r' = sum 2^(d + dm) (d + dm) = sc * (r + dm * s); guarded so -inf * 0 cannot occur.
     if (ENT) st.r = sc == 0.f ? 0.f : sc * fmaf(dm, st.s, st.r);
     st.s *= sc;
     st.zmax = zm;
-    st.mb = nb;
   }
+  const float ref = ref_of(st.zmax);
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    float d = fmaf(z[j], c2, -st.mb);
+    float d = (z[j] - ref) * c2;
     if (ENT) d = d < -256.f ? -256.f : d;  // -inf logit: e = 0 and e * d = 0, not 0 * -inf (NaN kept)
-    const float e = ex2(d);
+    const float e = exp2_poly(d);
     st.s += e;
     if (ENT) st.r = fmaf(e, d, st.r);
   }
@@ -69,9 +71,9 @@ __device__ __forceinline__ void fold(SmState& st, const float (&z)[N], float c2)
 template <bool ENT>
 __device__ __forceinline__ void merge(SmState& a, float zmax2, float s2, float r2, float c2) {
   const float M = fmaxf(a.zmax, zmax2);
-  const float MB = ref_point(M, c2);
-  const float da = a.mb - MB, db = ref_point(zmax2, c2) - MB;
-  const float fa = ex2(da), fb = ex2(db);
+  const float RM = ref_of(M);
+  const float da = (ref_of(a.zmax) - RM) * c2, db = (ref_of(zmax2) - RM) * c2;
+  const float fa = exp2_poly(da), fb = exp2_poly(db);
   if (ENT) {
     const float ra = fa == 0.f ? 0.f : fa * fmaf(da, a.s, a.r);
     const float rb = fb == 0.f ? 0.f : fb * fmaf(db, s2, r2);
@@ -79,7 +81,6 @@ __device__ __forceinline__ void merge(SmState& a, float zmax2, float s2, float r
   }
   a.s = a.s * fa + s2 * fb;
   a.zmax = M;
-  a.mb = MB;
 }
 
 template <typename T, int BLOCK, bool ENT>
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
   if (tid == 0 && has_label) zy = E::load1(row + y);  // issued early, latency hidden by the loop
 
   const float c2 = p.inv_temperature * kLog2e;
-  SmState st{-INFINITY, -FLT_MAX, 0.f, 0.f};
+  SmState st{-INFINITY, 0.f, 0.f};
 
   // Per-thread order is fixed (head, vectors ascending, tail), hence deterministic.
   const int head = row_head<T>(row, V);
@@ -155,21 +156,17 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
   }
   __syncthreads();
   if (tid != 0) return;
-  SmState a{sh_z[0], ref_point(sh_z[0], c2), sh_s[0], sh_r[0]};
+  SmState a{sh_z[0], sh_s[0], sh_r[0]};
 #pragma unroll
   for (int w = 1; w < NW; ++w) merge<ENT>(a, sh_z[w], sh_s[w], sh_r[w], c2);
 
-  // s is relative to mb = fl(zmax * c2); delta = zmax * c2 - mb (exact FMA residual) corrects it:
-  // ln(sum_v e^{(z_v - zmax)/tau}) = ln(s) - delta * ln 2. The entropy needs no correction:
-  // H = ln(s) - ln2 * r / s (delta cancels).
+  // s = sum_v e^{(z_v - zmax)/tau}: lse = zmax / tau + ln(s), log p_y = (z_y - zmax) / tau - ln(s),
+  // H = ln(s) - ln2 * r / s (r is in base 2).
   const float ln_s = logf(a.s);
-  const float prod = a.zmax * c2;
-  const float delta = isfinite(prod) ? fmaf(a.zmax, c2, -prod) : 0.f;
-  const float ln_sum = ln_s - delta * kLn2;
   const float inv_t = p.inv_temperature;
-  p.lse[t] = a.zmax * inv_t + ln_sum;
-  // (zy - zmax) is exact-ish; a log-probability is <= 0 (ex2.approx could leave +1 ulp here).
-  p.logp[t] = has_label ? fminf((zy - a.zmax) * inv_t - ln_sum, 0.f) : 0.f;
+  p.lse[t] = a.zmax * inv_t + ln_s;
+  // a log-probability is <= 0 (rounding could leave +1 ulp here).
+  p.logp[t] = has_label ? fminf((zy - a.zmax) * inv_t - ln_s, 0.f) : 0.f;
   if (ENT) p.entropy[t] = ln_s - kLn2 * a.r / a.s;
   if (bad_label && p.bad_label_row != nullptr)
     atomicMax(reinterpret_cast<unsigned long long*>(p.bad_label_row), static_cast<unsigned long long>(t + 1));
