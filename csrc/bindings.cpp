@@ -4,7 +4,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -30,10 +29,9 @@ const char* kModule = kIsCuda ? "vespo_ext._cuda" : "vespo_ext._core";
 // Runs a binding's body and turns any C++ exception into the Python error it stands for, here, in
 // this module: std::invalid_argument -> ValueError, pybind11's builtin exceptions -> their type,
 // anything else -> RuntimeError. pybind11's dispatcher (compiled into this module) catches the
-// resulting error_already_set itself, so no exception is rethrown by a translator that another
-// extension registered. (A process-wide translator did that: on an H200 machine, errors raised by
-// _core segfaulted once _cuda, linked by nvcc with the static CUDA runtime, was loaded beside it.)
-// The body's Arrays are destroyed, and their capsules returned, before the handler runs.
+// resulting error_already_set itself, so the conversion does not depend on exception translators
+// that other extensions in the process registered. The body's Arrays are destroyed, and their
+// capsules returned, before the handler runs.
 template <class Body>
 void checked(Body&& body) {
   try {
@@ -52,12 +50,13 @@ void checked(Body&& body) {
   }
 }
 
+// "(4, 6)", "(3,)". Plain string concatenation: std::ostringstream segfaulted in a build on the
+// H200 image (torch 2.11, Python 3.12), in exactly the error messages that used it, presumably a
+// libstdc++ loaded by the process older than the compiler's headers.
 std::string shape_str(const vespo::dl::Tensor& t) {
-  std::ostringstream os;
-  os << "(";
-  for (int i = 0; i < t.ndim; ++i) os << (i ? ", " : "") << t.shape[i];
-  os << (t.ndim == 1 ? ",)" : ")");
-  return os.str();
+  std::string s = "(";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + (t.ndim == 1 ? ",)" : ")");
 }
 
 // A borrowed view of a DLPack array; returns the capsule's memory to its producer on destruction.
