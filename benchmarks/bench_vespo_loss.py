@@ -539,10 +539,16 @@ for loss_name in losses:
     res = {"variants": {}, "checks": {}}
     results["losses"][loss_name] = res
 
-    # --- correctness: fused vs eager (abort on mismatch), eager vs vespo_ext.reference -------------
-    # On big CUDA shapes the eager gradient does not fit next to the rest, so the full check runs on
-    # the first sequences (<= 4096 tokens); every variant is also compared with the fused op at full
-    # size (loss and 64 sampled gradient rows) during its first warm-up iteration below.
+    # --- correctness: fused and eager vs the float64 reference ------------------------------------
+    # The truth is vespo_ext.reference in float64 (same inputs, upcast). VESPO's weight is
+    # exp(sum over a sequence of log-ratios), so fp32 log-prob errors add up along a sequence: on an
+    # H200 at 2048 tokens per sequence, fp32 implementations (eager, torch.compile, Liger, fused)
+    # differed from one another by 1e-4 to 3.5e-4 in the loss. Each is therefore measured against
+    # float64, and the fused op must be within LOSS_TOL of it; eager's own error is reported (it aborts
+    # the run only when it is 10x the tolerance: then the baseline itself is wrong).
+    # On big CUDA shapes the float64 copy does not fit next to the rest, so the check runs on the
+    # first sequences (<= 4096 tokens); every variant is also compared with the fused op at full size
+    # (loss and 64 sampled gradient rows) during its first warm-up iteration below.
     n_chk = S if T * V * 4 <= 2**31 else max(1, 4096 // L)
     tc = n_chk * L
     sub = (logits[:tc], labels[:tc], old_logp[:tc], advantages[:n_chk], mask[:tc])
@@ -553,25 +559,28 @@ for loss_name in losses:
     xb = sub[0].detach().requires_grad_(True)
     lb = make_eager(loss_name, logp_impl, n_chk)(xb, *sub[1:], seq_id[:tc])
     (gb,) = torch.autograd.grad(lb, xb)
-    xc = sub[0].detach().requires_grad_(True)
-    lc = vespo_ext.reference.policy_loss(xc, *sub[1:], loss=loss_name, **kw)
+    xc = sub[0].detach().double().requires_grad_(True)
+    lc = vespo_ext.reference.policy_loss(xc, sub[1], sub[2].double(), sub[3].double(), sub[4], loss=loss_name, **kw)
     (gc_,) = torch.autograd.grad(lc, xc)
-    chk = {"tokens": tc, "fused_vs_eager_loss": abs(la.item() - lb.item()) / max(abs(lb.item()), 1e-30),
-           "fused_vs_eager_grad": max_rel(ga, gb),
-           "eager_vs_reference_loss": abs(lb.item() - lc.item()) / max(abs(lc.item()), 1e-30),
-           "eager_vs_reference_grad": max_rel(gb, gc_), "loss": lb.item()}
-    res["checks"]["vs_eager"] = chk
-    log(f"check on {tc} tokens: loss {la.item():.6g} (fused) {lb.item():.6g} (eager) {lc.item():.6g} (reference); "
-        f"max rel diff fused vs eager: loss {chk['fused_vs_eager_loss']:.2e} grad {chk['fused_vs_eager_grad']:.2e}; "
-        f"eager vs reference: loss {chk['eager_vs_reference_loss']:.2e} grad {chk['eager_vs_reference_grad']:.2e} "
-        f"(tolerance loss {LOSS_TOL:g}, grad {GRAD_TOL:g})")
-    if chk["eager_vs_reference_loss"] > LOSS_TOL or chk["eager_vs_reference_grad"] > GRAD_TOL:
-        sys.exit("ABORT: the eager baseline does not match vespo_ext.reference")
-    if chk["fused_vs_eager_loss"] > LOSS_TOL or chk["fused_vs_eager_grad"] > GRAD_TOL:
+
+    def rel(a, b):
+        return abs(a.item() - b.item()) / max(abs(b.item()), 1e-30)
+    chk = {"tokens": tc, "reference": "vespo_ext.reference in float64",
+           "fused_vs_reference_loss": rel(la, lc), "fused_vs_reference_grad": max_rel(ga, gc_),
+           "eager_vs_reference_loss": rel(lb, lc), "eager_vs_reference_grad": max_rel(gb, gc_),
+           "fused_vs_eager_loss": rel(la, lb), "fused_vs_eager_grad": max_rel(ga, gb), "loss": lc.item()}
+    res["checks"]["vs_reference_fp64"] = chk
+    log(f"check on {tc} tokens: loss {la.item():.7g} (fused) {lb.item():.7g} (eager) {lc.item():.7g} (float64 "
+        f"reference); rel. error vs float64: fused loss {chk['fused_vs_reference_loss']:.2e} grad "
+        f"{chk['fused_vs_reference_grad']:.2e}, eager loss {chk['eager_vs_reference_loss']:.2e} grad "
+        f"{chk['eager_vs_reference_grad']:.2e} (tolerance loss {LOSS_TOL:g}, grad {GRAD_TOL:g})")
+    if chk["eager_vs_reference_loss"] > 10 * LOSS_TOL or chk["eager_vs_reference_grad"] > 10 * GRAD_TOL:
+        sys.exit("ABORT: the eager baseline does not match vespo_ext.reference (float64)")
+    if chk["fused_vs_reference_loss"] > LOSS_TOL or chk["fused_vs_reference_grad"] > GRAD_TOL:
         # Timed anyway (the numbers are recorded with the failed check), but the run exits non-zero.
         chk["passed"] = False
         check_failures.append(loss_name)
-        log("CHECK FAILED: the fused op does not match eager within the tolerances; timing it anyway")
+        log("CHECK FAILED: the fused op is not within the tolerances of the float64 reference; timing it anyway")
     else:
         chk["passed"] = True
     del xa, xb, xc, la, lb, lc, ga, gb, gc_, sub
