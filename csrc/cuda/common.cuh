@@ -72,13 +72,15 @@ __device__ __forceinline__ float ex2(float x) {
 }
 
 // 2^x in software, for sums whose error must not pile up: round to an integer n, then a degree-7
-// polynomial in the fraction (Horner, FMAs), then n added to the exponent. Error <= ~1 ulp and,
-// unlike ex2.approx (MUFU), with no systematic sign: the forward's per-token log-probs, summed over
-// a whole sequence into log W, showed a bias of ~1.5e-7 per token with ex2.approx (measured on an
-// H200: 7e-4 relative loss error at 2048 tokens per sequence); the polynomial's is random and
-// averages out. Domain x <= 127 (the forward only needs x <= 0): 2^x = 0 for x < -125 (and -inf),
-// NaN -> NaN, exactly 1 at x = 0. ~17 instructions, all on the FMA/integer pipes (no MUFU, no
-// conversion unit). __host__ too, so it can be checked on a CPU.
+// polynomial in the fraction (Horner, FMAs), then n added to the exponent. Error <= 0.87 ulp with
+// no systematic sign (mean relative error -7e-10 over [-40, 0.5], checked on the CPU), unlike
+// ex2.approx (MUFU): the forward's per-token log-probs are summed over a whole sequence into log W,
+// so a consistent error grows with the length. On an H200, MUFU ex2 accounted for ~10 % of the
+// forward's bias at 2048 tokens per sequence (the rest was the fp32 log2(e) scale, see
+// logprob_cuda.cu). Domain x <= 127 (the forward only needs x <= 0): 2^x = 0 for x < -125 (and
+// -inf), NaN -> NaN, exactly 1 at x = 0. ~17 instructions, all on the FMA/integer pipes (no MUFU,
+// no conversion unit); the forward became arithmetic-bound with it (benchmarks/results/README.md).
+// __host__ too, so it can be checked on a CPU.
 __host__ __device__ __forceinline__ float float_from_bits(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
