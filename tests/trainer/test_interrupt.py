@@ -63,15 +63,21 @@ def test_second_ctrl_c_stops_at_once(capsys, monkeypatch):
     from vespo_trainer import cli
     from vespo_trainer.interrupt import GracefulInterrupt
 
-    seen = []
-    with GracefulInterrupt(seen.append) as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
-        assert stop.requested and "saving a checkpoint" in seen[0]
-        with pytest.raises(KeyboardInterrupt):
+    # Start from Python's default handler whatever this process inherited (under nohup or as a
+    # background job of a non-interactive shell, SIGINT arrives ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        seen = []
+        with GracefulInterrupt(seen.append) as stop:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit
+            assert stop.requested and "saving a checkpoint" in seen[0]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
     def interrupted(cfg):
         raise KeyboardInterrupt
