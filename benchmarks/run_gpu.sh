@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build, test, sanitize and benchmark vespo on one CUDA GPU (H100 / H200). About 5-8 minutes.
+# Build, test, sanitize and benchmark vespo on one CUDA GPU (H100 / H200). About 4 minutes (an H200: 245 s).
 #
 #   bash benchmarks/run_gpu.sh          # from anywhere; runs in the repository root
 #
