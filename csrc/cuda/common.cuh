@@ -81,24 +81,13 @@ __device__ __forceinline__ float ex2(float x) {
 // -inf), NaN -> NaN, exactly 1 at x = 0. ~17 instructions, all on the FMA/integer pipes (no MUFU,
 // no conversion unit); the forward became arithmetic-bound with it (benchmarks/results/README.md).
 // __host__ too, so it can be checked on a CPU.
-__host__ __device__ __forceinline__ float float_from_bits(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
-
-__host__ __device__ __forceinline__ uint32_t bits_from_float(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, sizeof(u));
-  return u;
-#endif
+// Reinterprets the bits of a value (memcpy: one register move in device code, as in Elem<> below).
+template <class To, class From>
+__host__ __device__ __forceinline__ To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To t;
+  memcpy(&t, &v, sizeof(t));
+  return t;
 }
 
 __host__ __device__ __forceinline__ float exp2_poly(float x) {
@@ -118,8 +107,8 @@ __host__ __device__ __forceinline__ float exp2_poly(float x) {
   p = fmaf(p, f, 6.9314718055994531e-01f);
   p = fmaf(p, f, 1.0f);
   // n is in the low mantissa bits of t; 2^n = bits (n + 127) << 23, a normal number for n >= -125.
-  const uint32_t ni = bits_from_float(t) - bits_from_float(kMagic);
-  const float y = p * float_from_bits((ni + 127u) << 23);
+  const uint32_t ni = bit_cast<uint32_t>(t) - bit_cast<uint32_t>(kMagic);
+  const float y = p * bit_cast<float>((ni + 127u) << 23);
   return tiny ? 0.f : y;
 }
 
