@@ -163,14 +163,20 @@ vespo::LogprobParams logprob_params(const Array& logits, const Array& labels, co
   const int64_t T = logits.dim(0), V = logits.dim(1);
   if (V < 1) logits.fail("must have a non-empty vocabulary (V >= 1), got shape " + shape_str(logits.t()));
   if (V > 1 && logits.stride(1) != 1) logits.fail("must have unit stride along the vocabulary");
-  if (T > 1 && logits.stride(0) < V) logits.fail("rows must not overlap (row stride >= V)");
+  if (T > 1 && logits.stride(0) < V)
+    logits.fail("has overlapping rows (row stride " + std::to_string(logits.stride(0)) + " < V = " + std::to_string(V) +
+                ", e.g. an expanded or broadcast array): pass a contiguous copy (.contiguous(), np.ascontiguousarray)");
   labels.require_vector(T, kI64, "int64");
   require_same_device(logits, labels);
   if (mask.present()) {
     mask.require_vector(T, kMaskTypes, "uint8 or bool");
     require_same_device(logits, mask);
   }
-  if (!(inv_temperature > 0.0)) throw std::invalid_argument(std::string(kModule) + ": temperature must be > 0");
+  const float inv_t32 = static_cast<float>(inv_temperature);
+  if (!(inv_temperature > 0.0) || !(inv_t32 > 0.f) || !(inv_t32 <= 3.4028234663852886e38f))
+    throw std::invalid_argument(std::string(kModule) + ": argument 'inv_temperature' (1 / temperature) must be > 0 and "
+                                "representable in float32 (temperature within about [3e-38, 1e38]), got " +
+                                std::to_string(inv_temperature));
   vespo::LogprobParams p;
   p.logits = logits.data();
   p.dtype = logits_dtype(logits);
@@ -191,16 +197,30 @@ void out_vector(const Array& a, const Array& logits, int64_t n) {
   require_same_device(logits, a);
 }
 
+// The optional (row_max, log_sum) pair of float32 (T,) vectors: both or neither.
+void row_stats(const Array& row_max, const Array& log_sum, const Array& logits, vespo::LogprobParams& p) {
+  if (row_max.present() != log_sum.present())
+    (row_max.present() ? log_sum : row_max).fail("must be given together with '" +
+                                                std::string(row_max.present() ? "row_max" : "log_sum") + "'");
+  if (!row_max.present()) return;
+  out_vector(row_max, logits, p.T);
+  out_vector(log_sum, logits, p.T);
+  p.row_max = row_max.ptr<float>();
+  p.log_sum = log_sum.ptr<float>();
+}
+
 void logprob_fwd(py::handle logits_o, py::handle labels_o, py::handle mask_o, py::handle logp_o, py::handle lse_o,
                  py::handle entropy_o, py::handle bad_o, double inv_temperature, int64_t ignore_index, int num_threads,
-                 uintptr_t stream) {
+                 uintptr_t stream, py::handle row_max_o, py::handle log_sum_o) {
   checked([&] {
     Array logits(logits_o, "logits"), labels(labels_o, "labels"), mask(mask_o, "mask"), logp(logp_o, "logp"),
-        lse(lse_o, "lse"), entropy(entropy_o, "entropy"), bad(bad_o, "bad_label_row");
+        lse(lse_o, "lse"), entropy(entropy_o, "entropy"), bad(bad_o, "bad_label_row"), row_max(row_max_o, "row_max"),
+        log_sum(log_sum_o, "log_sum");
     auto p = logprob_params(logits, labels, mask, inv_temperature, ignore_index, num_threads, stream);
     out_vector(logp, logits, p.T);
     out_vector(lse, logits, p.T);
     if (entropy.present()) out_vector(entropy, logits, p.T);
+    row_stats(row_max, log_sum, logits, p);
     bad.require_vector(1, kI64, "int64");
     p.logp = logp.ptr<float>();
     p.lse = lse.ptr<float>();
@@ -213,14 +233,16 @@ void logprob_fwd(py::handle logits_o, py::handle labels_o, py::handle mask_o, py
 
 void logprob_bwd(py::handle logits_o, py::handle labels_o, py::handle mask_o, py::handle logp_o, py::handle lse_o,
                  py::handle dlogp_o, py::handle scale_o, py::handle grad_o, double inv_temperature, int64_t ignore_index,
-                 int num_threads, uintptr_t stream) {
+                 int num_threads, uintptr_t stream, py::handle row_max_o, py::handle log_sum_o) {
   checked([&] {
     Array logits(logits_o, "logits"), labels(labels_o, "labels"), mask(mask_o, "mask"), logp(logp_o, "logp"),
-        lse(lse_o, "lse"), dlogp(dlogp_o, "dlogp"), scale(scale_o, "grad_scale"), grad(grad_o, "grad");
+        lse(lse_o, "lse"), dlogp(dlogp_o, "dlogp"), scale(scale_o, "grad_scale"), grad(grad_o, "grad"),
+        row_max(row_max_o, "row_max"), log_sum(log_sum_o, "log_sum");
     auto p = logprob_params(logits, labels, mask, inv_temperature, ignore_index, num_threads, stream);
     out_vector(logp, logits, p.T);
     out_vector(lse, logits, p.T);
     out_vector(dlogp, logits, p.T);
+    row_stats(row_max, log_sum, logits, p);
     if (scale.present()) {
       scale.require_device();
       if (scale.numel() != 1) scale.fail("must hold one element");
@@ -315,10 +337,13 @@ PYBIND11_MODULE(VESPO_MODULE, m) {
   m.def("logprob_fwd", &logprob_fwd, py::arg("logits"), py::arg("labels"), py::arg("mask"), py::arg("logp"),
         py::arg("lse"), py::arg("entropy"), py::arg("bad_label_row"), py::kw_only(), py::arg("inv_temperature"),
         py::arg("ignore_index") = -100, py::arg("num_threads") = 1, py::arg("stream") = 0,
-        "Per-token log-softmax at the label (and entropy) in one read of each logits row.");
+        py::arg("row_max") = py::none(), py::arg("log_sum") = py::none(),
+        "Per-token log-softmax at the label (and entropy) in one read of each logits row; optionally the row max\n"
+        "and log s = lse - row_max / tau, which the backward then uses (shift-invariant).");
   m.def("logprob_bwd", &logprob_bwd, py::arg("logits"), py::arg("labels"), py::arg("mask"), py::arg("logp"),
         py::arg("lse"), py::arg("dlogp"), py::arg("grad_scale"), py::arg("grad"), py::kw_only(),
         py::arg("inv_temperature"), py::arg("ignore_index") = -100, py::arg("num_threads") = 1, py::arg("stream") = 0,
+        py::arg("row_max") = py::none(), py::arg("log_sum") = py::none(),
         "grad[t, v] = scale * dlogp[t] * (1[v == y_t] - p[t, v]) / tau; grad may be the logits themselves.");
   m.def("seq_reduce", &seq_reduce, py::arg("cu_seqlens"), py::arg("logp"), py::arg("old_logp"), py::arg("advantages"),
         py::arg("mask"), py::arg("rollout_is_weights"), py::arg("norm"), py::arg("loss"), py::arg("dlogp"),

@@ -28,25 +28,71 @@ void note_bad_row(std::atomic<int64_t>* bad, int64_t row1) {
   }
 }
 
+// Sums one L1-resident chunk of n elements relative to the running max mz: e^x over the elements
+// with x = (z - mz) * it < 0 into the returned tail (and e^x * x into *tail2 for the entropy), and
+// the number of elements with x == 0 exactly (the max term(s), each exactly 1) into *ones.
+// Keeping the ones out of the float lanes is what makes the sum unbiased on confident rows: a lane
+// that already holds 1 rounds away every later term below half an ulp of 1 (6e-8), and a confident
+// row's tail is made of hundreds of such terms. MAXCHUNK=false is the common chunk that cannot
+// hold a max element (x < 0 for all its elements): no per-element test.
+template <class T, bool ENT, bool MAXCHUNK>
+__attribute__((always_inline)) inline float chunk_sum(const T* zc, int64_t n, float mz, float it, float* tail2,
+                                                   int64_t* ones) {
+  const int64_t nv = n - n % (2 * kVec);
+  const v8f vit = vsplat(it), vmz = vsplat(mz), vfloor = vsplat(-100.f), vzero = vsplat(0.f);
+  v8f s0 = vzero, s1 = s0, e0 = s0, e1 = s0;
+  v8i c0 = v8i{} , c1 = c0;
+  for (int64_t v = 0; v < nv; v += 2 * kVec) {
+    const v8f x0 = (vload(zc + v) - vmz) * vit, x1 = (vload(zc + v + kVec) - vmz) * vit;
+    v8f a0 = vexp(x0), a1 = vexp(x1);
+    if (MAXCHUNK) {
+      const v8i one0 = x0 == vzero, one1 = x1 == vzero;  // all-ones lanes where x == 0
+      c0 -= one0; c1 -= one1;
+      a0 = (v8f)((v8i)a0 & ~one0); a1 = (v8f)((v8i)a1 & ~one1);
+    }
+    s0 += a0; s1 += a1;
+    // e^x * x with x floored at -100 (where e^x is 0), so -inf logits add 0, not NaN.
+    if (ENT) { e0 += a0 * vmax(x0, vfloor); e1 += a1 * vmax(x1, vfloor); }
+  }
+  float ts = hsum(s0 + s1), ts2 = ENT ? hsum(e0 + e1) : 0.f;
+  int64_t cnt = 0;
+  if (MAXCHUNK) for (int k = 0; k < kVec; ++k) cnt += c0[k] + c1[k];
+  for (int64_t v = nv; v < n; ++v) {
+    const float x = (load(zc, v) - mz) * it;
+    if (MAXCHUNK && x == 0.f) { ++cnt; continue; }
+    const float e = fast_expf(x);
+    ts += e;
+    if (ENT) ts2 += e * (x > -100.f ? x : -100.f);
+  }
+  *ones += cnt;
+  if (ENT) *tail2 = ts2;
+  return ts;
+}
+
 template <class T>
 VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
   const T* base = static_cast<const T*>(p.logits);
   const int64_t V = p.V;
   const float it = p.inv_temperature;
+  const bool want_entropy = p.entropy != nullptr;
   for (int64_t t = r0; t < r1; ++t) {
     if (!counted(p.mask, t)) {
       p.logp[t] = 0.f;
       p.lse[t] = 0.f;
+      if (p.row_max) p.row_max[t] = 0.f;
+      if (p.log_sum) p.log_sum[t] = 0.f;
       if (p.entropy) p.entropy[t] = 0.f;
       continue;
     }
     const T* z = base + t * p.row_stride;
-    // Online softmax over L1-sized chunks: the chunk's max, then its exp-sum from L1, rescaling the
-    // running sums when the max grows. x = (z - mz) * it with mz the running max of the raw logits:
-    // the max element gives x = 0 exactly, so s >= 1 and log p = x_y - log s <= 0 always (and is
-    // exactly 0 for V = 1). s = sum e^x, s2 = sum e^x * x (entropy).
-    float mz = -INFINITY, s = 0.f, s2 = 0.f;
-    const bool want_entropy = p.entropy != nullptr;
+    // Online softmax over L1-sized chunks: the chunk's max, then its exp-sum from L1. With mz the
+    // running max of the raw logits and x = (z - mz) * it, the sum is s = ones + tail: `ones`
+    // counts the elements with x == 0 exactly (the max, each term exactly 1), `tail` is the sum
+    // of the other terms (fp32 lanes within a chunk, double across chunks). When the max grows,
+    // everything summed so far (ones included) is rescaled into the tail. s2 = sum e^x * x.
+    float mz = -INFINITY;
+    int64_t ones = 0;
+    double tail = 0.0, s2 = 0.0;
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
       const int64_t n = V - c0 < kChunk ? V - c0 : kChunk, nv = n - n % (2 * kVec);
       const T* zc = z + c0;
@@ -57,47 +103,38 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
       }
       float cm = hmax(vmax(m0, m1));
       for (int64_t v = nv; v < n; ++v) cm = load(zc, v) > cm ? load(zc, v) : cm;
-      if (cm > mz) {  // rescale what was summed relative to the old max
-        const float delta = (cm - mz) * it, scale = fast_expf(-delta);
-        if (want_entropy) s2 = s == 0.f ? 0.f : scale * (s2 - delta * s);
-        s *= scale;
+      if (cm > mz) {  // rescale what was summed relative to the old max (double: a few per row)
+        const double delta = ((double)cm - (double)mz) * (double)it, scale = std::exp(-delta);
+        const double s = (double)ones + tail;
+        if (want_entropy) s2 = s == 0.0 ? 0.0 : scale * (s2 - delta * s);
+        tail = s * scale;
+        ones = 0;
         mz = cm;
       }
       if (mz == -INFINITY) continue;  // everything so far is -inf: contributes 0
-      const v8f vit = vsplat(it), vmz = vsplat(mz), vfloor = vsplat(-100.f);
-      v8f s0 = vsplat(0.f), s1 = s0, e0 = s0, e1 = s0;
+      float ts2 = 0.f, ts;
+      const bool maxchunk = cm == mz;
       if (want_entropy) {
-        for (int64_t v = 0; v < nv; v += 2 * kVec) {
-          const v8f x0 = (vload(zc + v) - vmz) * vit, x1 = (vload(zc + v + kVec) - vmz) * vit;
-          const v8f a0 = vexp(x0), a1 = vexp(x1);
-          s0 += a0; s1 += a1;
-          // e^x * x with x floored at -100 (where e^x is 0), so -inf logits add 0, not NaN.
-          e0 += a0 * vmax(x0, vfloor); e1 += a1 * vmax(x1, vfloor);
-        }
-        float ts = hsum(s0 + s1), ts2 = hsum(e0 + e1);
-        for (int64_t v = nv; v < n; ++v) {
-          const float x = (load(zc, v) - mz) * it, e = fast_expf(x);
-          ts += e;
-          ts2 += e * (x > -100.f ? x : -100.f);
-        }
-        s += ts;
-        s2 += ts2;
+        ts = maxchunk ? chunk_sum<T, true, true>(zc, n, mz, it, &ts2, &ones)
+                      : chunk_sum<T, true, false>(zc, n, mz, it, &ts2, &ones);
       } else {
-        for (int64_t v = 0; v < nv; v += 2 * kVec) {
-          s0 += vexp((vload(zc + v) - vmz) * vit);
-          s1 += vexp((vload(zc + v + kVec) - vmz) * vit);
-        }
-        float ts = hsum(s0 + s1);
-        for (int64_t v = nv; v < n; ++v) ts += fast_expf((load(zc, v) - mz) * it);
-        s += ts;
+        ts = maxchunk ? chunk_sum<T, false, true>(zc, n, mz, it, &ts2, &ones)
+                      : chunk_sum<T, false, false>(zc, n, mz, it, &ts2, &ones);
       }
+      tail += ts;
+      s2 += ts2;
     }
-    const float log_s = std::log(s);
-    p.lse[t] = mz * it + log_s;
-    if (p.entropy) p.entropy[t] = log_s - s2 / s;
+    // log s = log(ones) + log1p(tail / ones): exact for the max term(s), and log p_y of a
+    // near-certain label (x_y = 0, ones = 1) is -log1p(tail), not the 0 that fp32 1 + tail gives.
+    const double log_s = ones > 0 ? std::log((double)ones) + std::log1p(tail / (double)ones) : std::log(tail);
+    p.lse[t] = (float)((double)mz * it + log_s);
+    if (p.row_max) p.row_max[t] = mz;
+    if (p.log_sum) p.log_sum[t] = (float)log_s;
+    if (p.entropy) p.entropy[t] = (float)(log_s - s2 / ((double)ones + tail));
     const int64_t y = p.labels[t];
     if (y != p.ignore_index && y >= 0 && y < V) {
-      p.logp[t] = (load(z, y) - mz) * it - log_s;
+      const double xy = (double)((load(z, y) - mz) * it);
+      p.logp[t] = (float)(xy - log_s);
     } else {
       p.logp[t] = 0.f;
       if (y != p.ignore_index) note_bad_row(bad, t + 1);
@@ -105,21 +142,22 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
   }
 }
 
-// Writes g[v] = -c * p_v for v in [b, e) and returns sum of p_v over the range.
+// Writes g[v] = -c * p_v for v in [b, e), p_v = exp((z_v - m) * it - ls), and returns sum of p_v over
+// the range. (z - m) first: exact for nearby values whatever the logits' offset.
 template <class T>
 __attribute__((always_inline)) inline float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it,
-                                                   float lse) {
-  const v8f vit = vsplat(it), vlse = vsplat(lse), vnc = vsplat(-c);
+                                                   float m, float ls) {
+  const v8f vit = vsplat(it), vm = vsplat(m), vls = vsplat(ls), vnc = vsplat(-c);
   v8f acc = vsplat(0.f);
   int64_t v = b;
   for (; v + kVec <= e; v += kVec) {
-    const v8f pv = vexp(vload(z + v) * vit - vlse);
+    const v8f pv = vexp((vload(z + v) - vm) * vit - vls);
     acc += pv;
     vstore(g + v, vnc * pv);
   }
   float sum = hsum(acc);
   for (; v < e; ++v) {
-    const float pv = fast_expf(load(z, v) * it - lse);
+    const float pv = fast_expf((load(z, v) - m) * it - ls);
     sum += pv;
     store(g, v, -c * pv);
   }
@@ -133,6 +171,7 @@ VESPO_MULTIVERSION void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1)
   const int64_t V = p.V;
   const float it = p.inv_temperature;
   const float scale = p.grad_scale ? *p.grad_scale : 1.f;
+  const bool split = p.row_max != nullptr;  // (row_max, log_sum) given, else lse alone
   for (int64_t t = r0; t < r1; ++t) {
     T* g = gbase + t * p.grad_row_stride;
     const float d = counted(p.mask, t) ? p.dlogp[t] : 0.f;
@@ -144,14 +183,14 @@ VESPO_MULTIVERSION void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1)
     // label's own logit is never read (its term is the sum of the other probabilities).
     const T* z = zbase + t * p.row_stride;
     const float c = d * scale * it;
-    const float lse = p.lse[t];
+    const float m = split ? p.row_max[t] : 0.f, ls = split ? p.log_sum[t] : p.lse[t];
     const int64_t y = p.labels[t];
     if (y != p.ignore_index && y >= 0 && y < V) {
       // The label's term c * (1 - p_y) as c * sum_{v != y} p_v: exact even when p_y rounds to 1.
-      const float rest = bwd_range(z, g, 0, y, c, it, lse) + bwd_range(z, g, y + 1, V, c, it, lse);
+      const float rest = bwd_range(z, g, 0, y, c, it, m, ls) + bwd_range(z, g, y + 1, V, c, it, m, ls);
       store(g, y, c * rest);
     } else {
-      bwd_range(z, g, 0, V, c, it, lse);
+      bwd_range(z, g, 0, V, c, it, m, ls);
     }
   }
 }
@@ -164,8 +203,10 @@ void check_common(const LogprobParams& p, const char* fn) {
     throw std::invalid_argument(where + "logits row stride " + std::to_string(p.row_stride) + " < V");
   if (p.T > 0 && (!p.logits || !p.labels || !p.lse || !p.logp))
     throw std::invalid_argument(where + "logits, labels, logp and lse are required");
-  if (!(p.inv_temperature > 0.f))
-    throw std::invalid_argument(where + "inverse temperature must be > 0");
+  if (!(p.inv_temperature > 0.f && p.inv_temperature <= 3.4028234663852886e38f))
+    throw std::invalid_argument(where + "inverse temperature must be finite and > 0");
+  if ((p.row_max == nullptr) != (p.log_sum == nullptr))
+    throw std::invalid_argument(where + "row_max and log_sum go together (both or neither)");
 }
 
 // Rows per chunk so that each thread gets at least ~256K elements of work.

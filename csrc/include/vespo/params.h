@@ -63,12 +63,18 @@ struct LogprobParams {
   float* logp = nullptr;
   float* lse = nullptr;
   float* entropy = nullptr;  // optional
+  // Optional, both or neither: the row's max raw logit m_t and log s_t, s_t = sum_v e^{(z_v - m_t)/tau}
+  // (so lse = m_t / tau + log s_t). Given to the backward, it forms p_v = exp((z_v - m_t)/tau - log s_t),
+  // which keeps full accuracy when all logits are shifted by a large constant (lse alone does not).
+  float* row_max = nullptr;
+  float* log_sum = nullptr;
   // Forward error report: set to (row index + 1) of a counted row whose label is outside [0, V)
   // (and not ignore_index); the smallest such row on CPU, some such row on CUDA. 0 = no error.
   int64_t* bad_label_row = nullptr;
 
-  // Backward inputs/outputs. The backward also reads `logp` and `lse` written by the forward
-  // (logp is used for the label's 1 - p term in expm1 form, so the label's logit is never re-read).
+  // Backward inputs/outputs. The backward also reads what the forward wrote: row_max and log_sum
+  // when given (else lse); the label's own logit is never re-read (its term is computed as the sum
+  // of the other probabilities).
   const float* dlogp = nullptr;       // (T,) dloss/dlogp_t (already includes mask and agg weight)
   const float* grad_scale = nullptr;  // optional 0-d upstream gradient (device scalar); 1 if null
   void* grad = nullptr;               // (T, V) with grad_row_stride, dtype == dtype; may alias logits
