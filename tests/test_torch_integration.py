@@ -56,8 +56,8 @@ def _bwd_args(device, dtype=torch.float32):
     args = _fwd_args(device, dtype)
     logits, labels, mask = args[0].detach(), args[1], args[4]
     with torch.no_grad():
-        _, logp, lse, dlogp, _ = torch.ops.vespo.policy_loss_fwd(logits, *args[1:])
-    return logits, labels, mask, logp, lse, dlogp, torch.tensor(1.5, device=device), args[8]
+        _, logp, _, dlogp, _, row_max, log_sum = torch.ops.vespo.policy_loss_fwd(logits, *args[1:])
+    return logits, labels, mask, logp, row_max, log_sum, dlogp, torch.tensor(1.5, device=device), args[8]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -72,8 +72,8 @@ def test_opcheck_logprob_bwd_inplace(device):
 
 def test_logprob_bwd_op_values(device):
     """The raw op's gradient is scale * dlogp * (onehot - p) / tau (masked rows 0)."""
-    logits, labels, mask, logp, lse, dlogp, scale, inv_t = _bwd_args(device)
-    g = torch.ops.vespo.logprob_bwd(logits, labels, mask, logp, lse, dlogp, scale, inv_t)
+    logits, labels, mask, logp, row_max, log_sum, dlogp, scale, inv_t = _bwd_args(device)
+    g = torch.ops.vespo.logprob_bwd(logits, labels, mask, logp, row_max, log_sum, dlogp, scale, inv_t)
     z = logits.double() * inv_t
     p = torch.softmax(z, -1)
     onehot = torch.nn.functional.one_hot(labels, logits.shape[-1]).double()

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "softmax_state.cuh"
 #include "vespo/kernels.h"
 
 namespace vespo {
@@ -22,91 +23,20 @@ using detail::kLog2e;
 using detail::block_allreduce;
 using detail::row_head;
 using detail::SumOp;
+using detail::SmState;
+using detail::Scale2;
+using detail::make_c2;
+using detail::fold;
+using detail::merge;
 
 constexpr int kUnroll = 4;  // 16-byte vectors in flight per thread per loop step
-
-// ------------------------------------------------------------------------------------------------
-// Online softmax state of one thread (or a merged group of threads), in base 2:
-//   zmax: the largest raw logit seen (-inf if none),
-//   s   : sum_v 2^d_v with d_v = (z_v - ref) * c2, ref = max(zmax, -FLT_MAX), c2 = log2(e) / tau,
-//   r   : sum_v 2^d_v * d_v (entropy only).
-// The max element's d is exactly 0 (its term exactly 1), so a one-token vocabulary gives log-prob
-// 0 and entropy 0 exactly, as torch does. The finite floor on ref keeps (-inf) - (-inf) = NaN out
-// of rows that start with -inf logits. Exponentials use exp2_poly (no systematic error: these sums
-// feed log W, summed over a whole sequence); only the rare rescales could use ex2, but take the
-// same function for one error model.
-// ------------------------------------------------------------------------------------------------
-struct SmState {
-  float zmax, s, r;
-};
-
-// c2 = log2(e) * inv_temperature as hi + lo (hi rounded toward zero, so lo > 0): x * c2 with one
-// rounding. A plain fp32 c2 is off by ~1.3e-8 relative, the same way for every element: it scaled
-// every d_v, biased ln(s) by ~6e-8 per token on random 151936-wide rows (emulated in numpy) and, summed
-// over a 2048-token sequence, put a 6e-4 relative error on the loss (measured on an H200).
-// With lo > 0, x = -inf gives -inf (never -inf + inf).
-struct Scale2 {
-  float hi, lo;
-};
-
-__device__ __forceinline__ Scale2 make_c2(float inv_temperature) {
-  const double c = static_cast<double>(inv_temperature) * 1.4426950408889634;
-  float hi = __double2float_rz(c);
-  if (static_cast<double>(hi) == c) hi = nextafterf(hi, 0.f);
-  return {hi, __double2float_rn(c - static_cast<double>(hi))};
-}
-
-__device__ __forceinline__ float scale2(float x, Scale2 c) { return fmaf(x, c.hi, x * c.lo); }
-
-__device__ __forceinline__ float ref_of(float zmax) { return fmaxf(zmax, -FLT_MAX); }
-
-// Folds N logits into the state: one rescale per call (if the max grew), then N exponentials.
-template <int N, bool ENT>
-__device__ __forceinline__ void fold(SmState& st, const float (&z)[N], Scale2 c2) {
-  float zm = z[0];
-#pragma unroll
-  for (int j = 1; j < N; ++j) zm = fmaxf(zm, z[j]);
-  if (zm > st.zmax) {  // false for NaN: a NaN logit then reaches s below and propagates
-    const float dm = scale2(ref_of(st.zmax) - ref_of(zm), c2);  // <= 0, possibly -inf
-    const float sc = exp2_poly(dm);
-    // r' = sum 2^(d + dm) (d + dm) = sc * (r + dm * s); guarded so -inf * 0 cannot occur.
-    if (ENT) st.r = sc == 0.f ? 0.f : sc * fmaf(dm, st.s, st.r);
-    st.s *= sc;
-    st.zmax = zm;
-  }
-  const float ref = ref_of(st.zmax);
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    float d = scale2(z[j] - ref, c2);
-    if (ENT) d = d < -256.f ? -256.f : d;  // -inf logit: e = 0 and e * d = 0, not 0 * -inf (NaN kept)
-    const float e = exp2_poly(d);
-    st.s += e;
-    if (ENT) st.r = fmaf(e, d, st.r);
-  }
-}
-
-// a <- a (+) (zmax2, s2, r2). Symmetric in its two operands (the sums commute exactly).
-template <bool ENT>
-__device__ __forceinline__ void merge(SmState& a, float zmax2, float s2, float r2, Scale2 c2) {
-  const float M = fmaxf(a.zmax, zmax2);
-  const float RM = ref_of(M);
-  const float da = scale2(ref_of(a.zmax) - RM, c2), db = scale2(ref_of(zmax2) - RM, c2);
-  const float fa = exp2_poly(da), fb = exp2_poly(db);
-  if (ENT) {
-    const float ra = fa == 0.f ? 0.f : fa * fmaf(da, a.s, a.r);
-    const float rb = fb == 0.f ? 0.f : fb * fmaf(db, s2, r2);
-    a.r = ra + rb;
-  }
-  a.s = a.s * fa + s2 * fb;
-  a.zmax = M;
-}
 
 template <typename T, int BLOCK, bool ENT>
 __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams p) {
   using E = Elem<T>;
   constexpr int VEC = E::kVec;
   constexpr int NW = BLOCK / 32;
-  __shared__ float sh_z[NW], sh_s[NW], sh_r[NW];
+  __shared__ SmState sh[NW];
 
   const int64_t t = blockIdx.x;
   const int tid = threadIdx.x;
@@ -114,6 +44,7 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
     if (tid == 0) {
       p.logp[t] = 0.f;
       p.lse[t] = 0.f;
+      if (p.row_max != nullptr) p.row_max[t] = p.log_sum[t] = 0.f;
       if (ENT) p.entropy[t] = 0.f;
     }
     return;
@@ -127,7 +58,7 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
   if (tid == 0 && has_label) zy = E::load1(row + y);  // issued early, latency hidden by the loop
 
   const Scale2 c2 = make_c2(p.inv_temperature);
-  SmState st{-INFINITY, 0.f, 0.f};
+  SmState st{-INFINITY, 0.f, 0.f, 0.f};
 
   // Per-thread order is fixed (head, vectors ascending, tail), hence deterministic.
   const int head = row_head<T>(row, V);
@@ -162,30 +93,31 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
   const int lane = tid & 31, warp = tid >> 5;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    const float z2 = __shfl_down_sync(0xffffffffu, st.zmax, o);
-    const float s2 = __shfl_down_sync(0xffffffffu, st.s, o);
-    const float r2 = ENT ? __shfl_down_sync(0xffffffffu, st.r, o) : 0.f;
-    merge<ENT>(st, z2, s2, r2, c2);
+    SmState o2;
+    o2.zmax = __shfl_down_sync(0xffffffffu, st.zmax, o);
+    o2.n = __shfl_down_sync(0xffffffffu, st.n, o);
+    o2.s = __shfl_down_sync(0xffffffffu, st.s, o);
+    o2.r = ENT ? __shfl_down_sync(0xffffffffu, st.r, o) : 0.f;
+    merge<ENT>(st, o2, c2);
   }
-  if (lane == 0) {
-    sh_z[warp] = st.zmax;
-    sh_s[warp] = st.s;
-    sh_r[warp] = st.r;
-  }
+  if (lane == 0) sh[warp] = st;
   __syncthreads();
   if (tid != 0) return;
-  SmState a{sh_z[0], sh_s[0], sh_r[0]};
+  SmState a = sh[0];
 #pragma unroll
-  for (int w = 1; w < NW; ++w) merge<ENT>(a, sh_z[w], sh_s[w], sh_r[w], c2);
+  for (int w = 1; w < NW; ++w) merge<ENT>(a, sh[w], c2);
 
-  // s = sum_v e^{(z_v - zmax)/tau}: lse = zmax / tau + ln(s), log p_y = (z_y - zmax) / tau - ln(s),
+  // s = sum_v e^{(z_v - zmax)/tau} = n + s: lse = zmax / tau + ln(s), log p_y = (z_y - zmax) / tau - ln(s),
   // H = ln(s) - ln2 * r / s (r is in base 2).
-  const float ln_s = logf(a.s);
+  const float ln_s = detail::ln_sum(a);
   const float inv_t = p.inv_temperature;
   p.lse[t] = a.zmax * inv_t + ln_s;
-  // a log-probability is <= 0 (rounding could leave +1 ulp here).
-  p.logp[t] = has_label ? fminf((zy - a.zmax) * inv_t - ln_s, 0.f) : 0.f;
-  if (ENT) p.entropy[t] = ln_s - kLn2 * a.r / a.s;
+  if (p.row_max != nullptr) {
+    p.row_max[t] = a.zmax;
+    p.log_sum[t] = ln_s;
+  }
+  p.logp[t] = has_label ? detail::label_logp(zy, a, inv_t, ln_s) : 0.f;
+  if (ENT) p.entropy[t] = ln_s - kLn2 * a.r / (a.n + a.s);
   if (bad_label && p.bad_label_row != nullptr)
     atomicMax(reinterpret_cast<unsigned long long*>(p.bad_label_row), static_cast<unsigned long long>(t + 1));
 }
@@ -229,7 +161,11 @@ __global__ void __launch_bounds__(BLOCK) logprob_bwd_kernel(const LogprobParams 
   const float scale = p.grad_scale != nullptr ? *p.grad_scale : 1.f;
   const float inv_t = p.inv_temperature;
   const float nc = -(dl * scale * inv_t);  // -c
-  const float lse = p.lse[t];
+  // p_v = exp((z_v - m) / tau - ln s): with the forward's (row_max, log_sum), exact for nearby values
+  // whatever the logits' offset; without them m = 0 and ln s = lse (the older form).
+  const bool split = p.row_max != nullptr;
+  const float m = split ? p.row_max[t] : 0.f;
+  const float ls = split ? p.log_sum[t] : p.lse[t];
   const int64_t y = p.labels[t];
   const int yl = (y != p.ignore_index && y >= 0 && y < V) ? static_cast<int>(y) : -1;
   // The label's term c * (1 - p_y) is written last as c * sum_{v != y} p_v (block-reduced in a
@@ -237,8 +173,8 @@ __global__ void __launch_bounds__(BLOCK) logprob_bwd_kernel(const LogprobParams 
   // a placeholder 0 and its probability is left out of the sum.
   float rest[1] = {0.f};
 
-  // p_v = exp(z / tau - lse): x rounded once by the FMA, then 2^(x log2 e).
-#define VESPO_PROB(z) ex2(fmaf((z), inv_t, -lse) * kLog2e)
+  // x = (z - m) / tau - ln s rounded once by the FMA, then 2^(x log2 e).
+#define VESPO_PROB(z) ex2(fmaf((z) - m, inv_t, -ls) * kLog2e)
 
   const uintptr_t az = reinterpret_cast<uintptr_t>(zrow), ag = reinterpret_cast<uintptr_t>(grow);
   if ((az & 15u) == (ag & 15u)) {
@@ -340,6 +276,7 @@ void check_params(const LogprobParams& p, const char* fn, bool bwd) {
   require(p.labels != nullptr, fn, "labels is required");
   require(p.logp != nullptr, fn, "logp is required");
   require(p.lse != nullptr, fn, "lse is required");
+  require((p.row_max == nullptr) == (p.log_sum == nullptr), fn, "row_max and log_sum go together (both or neither)");
   require(reinterpret_cast<uintptr_t>(p.logits) % es == 0, fn, "logits must be element-aligned");
   if (!bwd) return;
   require(p.dlogp != nullptr, fn, "dlogp is required");

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "has_kernels", "check_loss", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
+__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "check_errors", "has_kernels", "check_loss", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
 
 from ._backend import has_kernels  # noqa: E402  (no torch import)
 from ._spec import AGGS, LOSSES, METRIC_NAMES  # noqa: E402  (no torch import)
@@ -27,7 +27,7 @@ def check_loss(loss: str, agg=None, **params):
 
 
 def __getattr__(name):
-    if name in ("vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs"):
+    if name in ("vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "check_errors"):
         from . import ops
 
         return getattr(ops, name)

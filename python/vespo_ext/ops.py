@@ -8,6 +8,7 @@ with grad_inplace=True).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import warnings
@@ -44,9 +45,87 @@ def _dl(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _raise_bad_label(bad: Tensor, labels: Tensor, V: int, why: str) -> None:
-    row = int(bad.item())  # one host sync; the only one of the forward
-    if row:
-        raise IndexError(f"labels[{row - 1}] = {int(labels[row - 1])} is outside [0, {V}) {why}")
+    """Raise IndexError if the forward flagged a bad label. On CPU the flag is read at once (no sync
+    to pay). On CUDA reading it would stall the host every step, so the flag is copied to pinned
+    memory asynchronously and checked later (_pending_label_errors): at the next call of any vespo
+    op, or of `check_errors()`, whichever comes first once the GPU has got that far; the error names
+    the step's row. VESPO_SYNC_CHECKS=1 in the environment restores the immediate check."""
+    if bad.device.type != "cuda" or _SYNC_CHECKS:
+        row = int(bad.item())
+        if row:
+            raise IndexError(f"labels[{row - 1}] = {int(labels[row - 1])} is outside [0, {V}) {why}")
+        return
+    if torch.compiler.is_compiling():
+        return
+    host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+    host.copy_(bad, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(bad.device))
+    with _pending_lock:
+        _pending.append((event, host, labels, V, why))
+
+
+_SYNC_CHECKS = os.environ.get("VESPO_SYNC_CHECKS", "") not in ("", "0")
+_pending: list = []
+_pending_lock = threading.Lock()
+
+
+def _pending_label_errors(wait: bool = False) -> None:
+    """Raise the first deferred bad-label error whose forward has finished (all of them if wait)."""
+    if not _pending:
+        return
+    with _pending_lock:
+        ready = []
+        while _pending and (wait or _pending[0][0].query()):
+            event, host, labels, V, why = _pending.pop(0)
+            event.synchronize()
+            ready.append((int(host[0]), labels, V, why))
+    for row, labels, V, why in ready:
+        if row:
+            with _pending_lock:
+                _pending.clear()  # one error reported; later steps of the same run are not trusted either
+            raise IndexError(f"labels[{row - 1}] = {int(labels[row - 1])} is outside [0, {V}) {why} "
+                             "(reported after the step that read it: CUDA label checks do not stall the GPU)")
+
+
+def check_errors() -> None:
+    """Wait for every CUDA forward launched so far and raise its deferred bad-label error, if any."""
+    _pending_label_errors(wait=True)
+
+
+def _logprob_fwd_kernel(logits: Tensor, labels: Tensor, mask: Optional[Tensor], inv_temperature: float,
+                        ignore_index: int, with_entropy: bool = False):
+    """THE forward kernel call (one read of the (T, V) logits rows, any row slice with unit stride along V).
+
+    Returns (logp, lse, row_max, log_sum, entropy, bad), all float32 (T,) on the logits' device except
+    bad (int64 (1,): 1 + a counted row whose label is outside [0, V) and not ignore_index, else 0;
+    pass it to _raise_bad_label) and entropy (None unless with_entropy). row_max is the row's largest
+    raw logit m_t and log_sum = log sum_v exp((z_v - m_t) * inv_temperature), so lse = m_t *
+    inv_temperature + log_sum; the backward wants (row_max, log_sum), not lse (shift-invariant)."""
+    mod = _backend.module_for(logits.device)
+    T = logits.shape[0]
+    f32 = {"dtype": torch.float32, "device": logits.device}
+    logp, lse, row_max, log_sum = (torch.empty(T, **f32) for _ in range(4))
+    entropy = torch.empty(T, **f32) if with_entropy else None
+    bad = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    with _guard(logits):
+        mod.logprob_fwd(_dl(logits), _dl(labels), _dl(mask), logp, lse, entropy, bad, inv_temperature=inv_temperature,
+                        ignore_index=ignore_index, row_max=row_max, log_sum=log_sum, **_launch(logits))
+    return logp, lse, row_max, log_sum, entropy, bad
+
+
+def _logprob_bwd_kernel(grad: Tensor, logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor,
+                        row_max: Tensor, log_sum: Tensor, dlogp: Tensor, grad_loss: Tensor, inv_temperature: float,
+                        ignore_index: int = None) -> None:
+    """THE backward kernel call: grad[t, v] = grad_loss * dlogp[t] * (1[v == y_t] - p_tv) * inv_temperature,
+    p_tv = exp((z_tv - row_max[t]) * inv_temperature - log_sum[t]); grad may be the logits themselves."""
+    mod = _backend.module_for(logits.device)
+    scale = grad_loss.detach().reshape(1).to(torch.float32).contiguous()
+    with _guard(logits):
+        # lse is not read when (row_max, log_sum) are given; log_sum stands in for the required argument.
+        mod.logprob_bwd(_dl(logits), _dl(labels), _dl(mask), _dl(logp), _dl(log_sum), _dl(dlogp), scale, _dl(grad),
+                        inv_temperature=inv_temperature, ignore_index=_NO_IGNORE if ignore_index is None else ignore_index,
+                        row_max=_dl(row_max), log_sum=_dl(log_sum), **_launch(logits))
 
 
 def _seq_reduce(mod, la: dict, logp: Tensor, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm,
@@ -68,20 +147,16 @@ def _seq_reduce(mod, la: dict, logp: Tensor, old_logp, advantages, mask, cu_seql
 def _policy_loss_fwd(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
                      cu_seqlens: Tensor, rollout_is_weights: Optional[Tensor], norm: Optional[Tensor],
                      inv_temperature: float, loss_type: int, params: list[float], agg: int, norm_len: float,
-                     grad_inplace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     grad_inplace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     mod = _backend.module_for(logits.device)
-    T, V = logits.shape
-    logp = torch.empty(T, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(T, dtype=torch.float32, device=logits.device)
-    bad = torch.zeros(1, dtype=torch.int64, device=logits.device)
-    la = _launch(logits)
+    V = logits.shape[1]
+    _pending_label_errors()
+    logp, lse, row_max, log_sum, _, bad = _logprob_fwd_kernel(logits, labels, mask, inv_temperature, _NO_IGNORE)
+    _raise_bad_label(bad, labels, V, "at a counted position (give such positions mask=0)")
     with _guard(logits):
-        mod.logprob_fwd(_dl(logits), _dl(labels), _dl(mask), logp, lse, None, bad, inv_temperature=inv_temperature,
-                        ignore_index=_NO_IGNORE, **la)
-        _raise_bad_label(bad, labels, V, "at a counted position (give such positions mask=0)")
-        loss, dlogp, metrics = _seq_reduce(mod, la, logp, old_logp, advantages, mask, cu_seqlens, rollout_is_weights,
-                                           norm, loss_type, params, agg, norm_len)
-    return loss, logp, lse, dlogp, metrics
+        loss, dlogp, metrics = _seq_reduce(mod, _launch(logits), logp, old_logp, advantages, mask, cu_seqlens,
+                                           rollout_is_weights, norm, loss_type, params, agg, norm_len)
+    return loss, logp, lse, dlogp, metrics, row_max, log_sum
 
 
 @_policy_loss_fwd.register_fake
@@ -90,19 +165,12 @@ def _(logits, labels, old_logp, advantages, mask, cu_seqlens, rollout_is_weights
     T = logits.shape[0]
     f32 = {"dtype": torch.float32, "device": logits.device}
     return (logits.new_empty((), dtype=torch.float32), logits.new_empty((T,), **f32), logits.new_empty((T,), **f32),
-            logits.new_empty((T,), **f32), logits.new_empty((len(METRIC_NAMES),), **f32))
+            logits.new_empty((T,), **f32), logits.new_empty((len(METRIC_NAMES),), **f32), logits.new_empty((T,), **f32),
+            logits.new_empty((T,), **f32))
 
 
 # ---------------------------------------------------------------------------------------------
 # vespo::logprob_bwd (new gradient) and vespo::logprob_bwd_ (gradient written over the logits)
-def _bwd_into(grad: Tensor, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature) -> None:
-    mod = _backend.module_for(logits.device)
-    scale = grad_loss.detach().reshape(1).to(torch.float32).contiguous()
-    with _guard(logits):
-        mod.logprob_bwd(_dl(logits), _dl(labels), _dl(mask), _dl(logp), _dl(lse), _dl(dlogp), scale, _dl(grad),
-                        inv_temperature=inv_temperature, ignore_index=_NO_IGNORE, **_launch(logits))
-
-
 class _CpuGradCache:
     """Reuses one large CPU gradient buffer across steps.
 
@@ -174,49 +242,51 @@ def clear_cpu_buffer_cache() -> None:
 
 
 @torch.library.custom_op("vespo::logprob_bwd", mutates_args=())
-def _logprob_bwd(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor, dlogp: Tensor,
-                 grad_loss: Tensor, inv_temperature: float) -> Tensor:
+def _logprob_bwd(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, row_max: Tensor,
+                 log_sum: Tensor, dlogp: Tensor, grad_loss: Tensor, inv_temperature: float) -> Tensor:
     if logits.device.type == "cpu":
         grad = _cpu_grad_cache.empty(tuple(logits.shape), logits.dtype)
     else:  # CUDA: torch's caching allocator already reuses memory
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _bwd_into(grad, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature)
+    _logprob_bwd_kernel(grad, logits, labels, mask, logp, row_max, log_sum, dlogp, grad_loss, inv_temperature)
     return grad
 
 
 @_logprob_bwd.register_fake
-def _(logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature):
+def _(logits, labels, mask, logp, row_max, log_sum, dlogp, grad_loss, inv_temperature):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("vespo::logprob_bwd_", mutates_args=("logits",))
-def _logprob_bwd_inplace(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor,
-                         dlogp: Tensor, grad_loss: Tensor, inv_temperature: float) -> None:
-    _bwd_into(logits, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature)
+def _logprob_bwd_inplace(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, row_max: Tensor,
+                         log_sum: Tensor, dlogp: Tensor, grad_loss: Tensor, inv_temperature: float) -> None:
+    _logprob_bwd_kernel(logits, logits, labels, mask, logp, row_max, log_sum, dlogp, grad_loss, inv_temperature)
 
 
 @_logprob_bwd_inplace.register_fake
-def _(logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature):
+def _(logits, labels, mask, logp, row_max, log_sum, dlogp, grad_loss, inv_temperature):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, _, _, mask, _, _, _, inv_temperature, _, _, _, _, grad_inplace = inputs
-    _, logp, lse, dlogp, _ = output
-    ctx.save_for_backward(logits, labels, mask, logp, lse, dlogp)
+    _, logp, _, dlogp, _, row_max, log_sum = output
+    ctx.save_for_backward(logits, labels, mask, logp, row_max, log_sum, dlogp)
     ctx.inv_temperature = inv_temperature
     ctx.grad_inplace = grad_inplace
 
 
-def _backward(ctx, grad_loss, _g_logp, _g_lse, _g_dlogp, _g_metrics):
-    logits, labels, mask, logp, lse, dlogp = ctx.saved_tensors
+def _backward(ctx, grad_loss, _g_logp, _g_lse, _g_dlogp, _g_metrics, _g_row_max, _g_log_sum):
+    logits, labels, mask, logp, row_max, log_sum, dlogp = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
         if ctx.grad_inplace:
-            torch.ops.vespo.logprob_bwd_(logits, labels, mask, logp, lse, dlogp, grad_loss, ctx.inv_temperature)
+            torch.ops.vespo.logprob_bwd_(logits, labels, mask, logp, row_max, log_sum, dlogp, grad_loss,
+                                         ctx.inv_temperature)
             grad = logits
         else:
-            grad = torch.ops.vespo.logprob_bwd(logits, labels, mask, logp, lse, dlogp, grad_loss, ctx.inv_temperature)
+            grad = torch.ops.vespo.logprob_bwd(logits, labels, mask, logp, row_max, log_sum, dlogp, grad_loss,
+                                               ctx.inv_temperature)
     return (grad,) + (None,) * 13
 
 
@@ -228,17 +298,11 @@ _policy_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("vespo::token_logprobs", mutates_args=())
 def _token_logprobs(logits: Tensor, labels: Tensor, inv_temperature: float, with_entropy: bool,
                     ignore_index: int) -> tuple[Tensor, Tensor]:
-    mod = _backend.module_for(logits.device)
-    T, V = logits.shape
-    f32 = {"dtype": torch.float32, "device": logits.device}
-    logp, lse = torch.empty(T, **f32), torch.empty(T, **f32)
-    entropy = torch.empty(T if with_entropy else 0, **f32)
-    bad = torch.zeros(1, dtype=torch.int64, device=logits.device)
-    with _guard(logits):
-        mod.logprob_fwd(_dl(logits), _dl(labels), None, logp, lse, entropy if with_entropy else None, bad,
-                        inv_temperature=inv_temperature, ignore_index=ignore_index, **_launch(logits))
+    V = logits.shape[1]
+    _pending_label_errors()
+    logp, _, _, _, entropy, bad = _logprob_fwd_kernel(logits, labels, None, inv_temperature, ignore_index, with_entropy)
     _raise_bad_label(bad, labels, V, f"and is not ignore_index={ignore_index}")
-    return logp, entropy
+    return logp, entropy if with_entropy else logp.new_empty(0)
 
 
 @_token_logprobs.register_fake
@@ -322,7 +386,7 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo"
                                      norm=norm, return_metrics=return_metrics, **params)
     pk = pack_inputs(logits, labels, old_logp, advantages, mask, cu_seqlens=cu_seqlens,
                      rollout_is_weights=rollout_is_weights, temperature=temperature, norm=norm)
-    out, _, _, _, metrics = torch.ops.vespo.policy_loss_fwd(
+    out, _, _, _, metrics, _, _ = torch.ops.vespo.policy_loss_fwd(
         pk.logits, pk.labels.contiguous(), _f32(pk.old_logp), _f32(pk.advantages),
         None if pk.mask is None else pk.mask.contiguous(), pk.cu_seqlens, _f32(pk.rollout_is_weights), pk.norm,
         1.0 / pk.temperature, LOSS_IDS[loss], values, AGG_IDS[agg], pk.norm_len, grad_inplace)

@@ -1,0 +1,137 @@
+// The CUDA forward's online softmax state and its fold/merge steps, __host__ __device__ so that
+// tests/cuda_host/fwd_sum_check.cu can compile the very same code as host code and replay one
+// block's summation order on the CPU (no GPU needed).
+//
+// State of one thread (or a merged group of threads), in base 2:
+//   zmax: the largest raw logit seen (-inf if none),
+//   n   : the number of elements with d == 0 exactly (the max term(s), each exactly 1),
+//   s   : sum of 2^d_v over the other elements, d_v = (z_v - ref) * c2, ref = max(zmax, -FLT_MAX),
+//         c2 = log2(e) / tau,
+//   r   : sum_v 2^d_v * d_v (entropy only).
+// The max term is counted in n, never added into s: a float that already holds 1 rounds away every
+// later term below half an ulp of 1 (6e-8), and on a confident row (p_label near 1) the tail is made
+// of ~1e5 such terms, so the old single sum was biased the same way on every row (issue #18). When
+// the max grows, n and s are rescaled into s together. The finite floor on ref keeps
+// (-inf) - (-inf) = NaN out of rows that start with -inf logits.
+#pragma once
+#include <cfloat>
+#include <cmath>
+
+#include "common.cuh"
+
+// The forward's exponential: the software exp2 (default; no systematic error) or, with
+// -DVESPO_FWD_EXP_MUFU=1 (CMake: -DVESPO_FWD_EXP=mufu), the hardware ex2.approx. Kept selectable
+// until a GPU run shows MUFU within the float64 budgets (issue #18 part 2).
+#ifndef VESPO_FWD_EXP_MUFU
+#define VESPO_FWD_EXP_MUFU 0
+#endif
+
+namespace vespo {
+namespace cuda {
+namespace detail {
+
+#if defined(__CUDACC__)
+#define VESPO_SM_HD __host__ __device__ __forceinline__
+#else
+#define VESPO_SM_HD inline
+#endif
+
+VESPO_SM_HD float fwd_exp2(float x) {
+#if VESPO_FWD_EXP_MUFU && defined(__CUDA_ARCH__)
+  return ex2(x);
+#else
+  return exp2_poly(x);
+#endif
+}
+
+struct SmState {
+  float zmax, n, s, r;
+};
+
+// c2 = log2(e) * inv_temperature as hi + lo (hi rounded toward zero, so lo > 0): x * c2 with one
+// rounding. A plain fp32 c2 is off by ~1.3e-8 relative, the same way for every element: it scaled
+// every d_v, biased ln(s) by ~6e-8 per token on random 151936-wide rows (emulated in numpy) and, summed
+// over a 2048-token sequence, put a 6e-4 relative error on the loss (measured on an H200).
+// With lo > 0, x = -inf gives -inf (never -inf + inf).
+struct Scale2 {
+  float hi, lo;
+};
+
+VESPO_SM_HD Scale2 make_c2(float inv_temperature) {
+  const double c = static_cast<double>(inv_temperature) * 1.4426950408889634;
+  float hi = static_cast<float>(c);  // round to nearest, then toward zero if it went up (c > 0)
+  if (static_cast<double>(hi) >= c) hi = nextafterf(hi, 0.f);
+  return {hi, static_cast<float>(c - static_cast<double>(hi))};
+}
+
+VESPO_SM_HD float scale2(float x, Scale2 c) { return fmaf(x, c.hi, x * c.lo); }
+
+VESPO_SM_HD float ref_of(float zmax) { return fmaxf(zmax, -FLT_MAX); }
+
+// Folds N logits into the state: one rescale per call (if the max grew), then N exponentials.
+template <int N, bool ENT>
+VESPO_SM_HD void fold(SmState& st, const float (&z)[N], Scale2 c2) {
+  float zm = z[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) zm = fmaxf(zm, z[j]);
+  if (zm > st.zmax) {  // false for NaN: a NaN logit then reaches s below and propagates
+    const float dm = scale2(ref_of(st.zmax) - ref_of(zm), c2);  // < 0, possibly -inf
+    const float sc = fwd_exp2(dm);
+    const float tot = st.n + st.s;
+    // r' = sum 2^(d + dm) (d + dm) = sc * (r + dm * (n + s)); guarded so -inf * 0 cannot occur.
+    if (ENT) st.r = sc == 0.f ? 0.f : sc * fmaf(dm, tot, st.r);
+    st.s = tot * sc;
+    st.n = 0.f;
+    st.zmax = zm;
+  }
+  const float ref = ref_of(st.zmax);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    float d = scale2(z[j] - ref, c2);
+    if (ENT) d = d < -256.f ? -256.f : d;  // -inf logit: e = 0 and e * d = 0, not 0 * -inf (NaN kept)
+    const float e = fwd_exp2(d);
+    const bool one = d == 0.f;  // a max element: counted exactly
+    st.n += one ? 1.f : 0.f;
+    st.s += one ? 0.f : e;
+    if (ENT) st.r = fmaf(e, d, st.r);
+  }
+}
+
+// One side of a merge: the state re-expressed relative to the merged max (d = its shift, <= 0).
+template <bool ENT>
+VESPO_SM_HD void rebase(float d, float& n, float& s, float& r) {
+  if (d == 0.f) return;  // this side holds the merged max: its count stays exact
+  const float f = fwd_exp2(d), tot = n + s;
+  if (ENT) r = f == 0.f ? 0.f : f * fmaf(d, tot, r);
+  s = tot * f;
+  n = 0.f;
+}
+
+// a <- a (+) b. Symmetric in its two operands (the sums commute exactly).
+template <bool ENT>
+VESPO_SM_HD void merge(SmState& a, SmState b, Scale2 c2) {
+  const float M = fmaxf(a.zmax, b.zmax);
+  const float RM = ref_of(M);
+  rebase<ENT>(scale2(ref_of(a.zmax) - RM, c2), a.n, a.s, a.r);
+  rebase<ENT>(scale2(ref_of(b.zmax) - RM, c2), b.n, b.s, b.r);
+  a.n += b.n;
+  a.s += b.s;
+  if (ENT) a.r += b.r;
+  a.zmax = M;
+}
+
+// ln of the row's sum n + s: ln(n) + log1p(s / n), exact for the max term(s); n is 0 only for rows
+// without a finite maximum (all -inf, or NaN), where ln(s) gives -inf or NaN as torch does.
+VESPO_SM_HD float ln_sum(const SmState& a) {
+  return a.n > 0.f ? logf(a.n) + log1pf(a.s / a.n) : logf(a.s);
+}
+
+// log p_y = (z_y - zmax) / tau - ln s, at most 0 (rounding could leave +1 ulp). For a near-certain
+// label (z_y = zmax, n = 1) this is -log1p(s): its loss survives where fp32 1 + s would round to 1.
+VESPO_SM_HD float label_logp(float zy, const SmState& a, float inv_t, float ln_s) {
+  return fminf((zy - a.zmax) * inv_t - ln_s, 0.f);
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace vespo
