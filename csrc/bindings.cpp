@@ -162,7 +162,8 @@ vespo::LogprobParams logprob_params(const Array& logits, const Array& labels, co
   if (logits.t().ndim != 2) logits.fail("must be 2-D (T, V), got shape " + shape_str(logits.t()));
   const int64_t T = logits.dim(0), V = logits.dim(1);
   if (V < 1) logits.fail("must have a non-empty vocabulary (V >= 1), got shape " + shape_str(logits.t()));
-  if (V > 1 && logits.stride(1) != 1) logits.fail("must have unit stride along the vocabulary");
+  // (an empty batch has no element to stride over: NumPy exports (0, V) with arbitrary strides)
+  if (T > 0 && V > 1 && logits.stride(1) != 1) logits.fail("must have unit stride along the vocabulary");
   if (T > 1 && logits.stride(0) < V)
     logits.fail("has overlapping rows (row stride " + std::to_string(logits.stride(0)) + " < V = " + std::to_string(V) +
                 ", e.g. an expanded or broadcast array): pass a contiguous copy (.contiguous(), np.ascontiguousarray)");
@@ -254,7 +255,7 @@ void logprob_bwd(py::handle logits_o, py::handle labels_o, py::handle mask_o, py
     if (grad.t().ndim != 2 || grad.dim(0) != p.T || grad.dim(1) != p.V)
       grad.fail("must have the logits' shape " + shape_str(logits.t()) + ", got " + shape_str(grad.t()));
     if (logits_dtype(grad) != p.dtype) grad.fail("must have the logits' dtype");
-    if (p.V > 1 && grad.stride(1) != 1) grad.fail("must have unit stride along the vocabulary");
+    if (p.T > 0 && p.V > 1 && grad.stride(1) != 1) grad.fail("must have unit stride along the vocabulary");
     p.logp = logp.ptr<float>();
     p.lse = lse.ptr<float>();
     p.dlogp = dlogp.ptr<float>();

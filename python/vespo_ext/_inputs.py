@@ -42,7 +42,14 @@ def check_temperature(temperature) -> float:
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    inv = 1.0 / temperature
+    if not (_F32_TINY <= inv <= _F32_MAX):
+        raise ValueError(f"temperature must have a float32 inverse (about 3e-39 < 1/temperature < 3.4e38), got {temperature}")
     return float(temperature)
+
+
+_F32_MAX = 3.4028234663852886e38
+_F32_TINY = 1.1754943508222875e-38  # smallest normal float32
 
 
 def check_logits_labels(logits, labels) -> None:
@@ -105,20 +112,30 @@ def check_norm(norm, device) -> Optional[torch.Tensor]:
             raise ValueError(f"norm must be a number or a 1-element tensor, got shape {tuple(norm.shape)}")
         if norm.device != device:
             raise ValueError(f"norm must be on the logits' device {device}, got {norm.device}")
+        if not torch.compiler.is_compiling():  # a value check reads the tensor (a sync on CUDA, as cu_seqlens' does)
+            v = float(norm.detach().reshape(()).double())
+            if not (math.isfinite(v) and _F32_TINY <= v <= _F32_MAX):
+                raise ValueError(f"norm must be finite, > 0 and a normal float32 (>= 1.2e-38), got {v}")
         return norm.detach().reshape(1).to(torch.float32)
     if isinstance(norm, bool) or not isinstance(norm, (int, float)):
         raise TypeError(f"norm must be a number or a tensor, got {type(norm).__name__}")
-    if not (norm > 0 and math.isfinite(norm)):
-        raise ValueError(f"norm must be a finite number > 0, got {norm}")
+    if not (norm > 0 and math.isfinite(norm)) or not (_F32_TINY <= norm <= _F32_MAX):
+        raise ValueError(f"norm must be a finite number > 0 representable in float32 (>= 1.2e-38), got {norm}")
     return torch.full((1,), float(norm), dtype=torch.float32, device=device)
 
 
-def _companions(stand_in, who: str, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights):
+_ADV_LAYOUTS = (None, "sequence", "token")
+
+
+def _companions(stand_in, who: str, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights,
+                advantages_per=None):
     """Check the per-token and per-sequence companions of `stand_in` (logits, or logp with a trailing
     unit dim): its leading dims are the token layout ((B, L) padded or (T,) packed). Returns
     (old, isw, mask, adv, cu, norm_len) in packed 1-D form."""
     _is_tensor(old_logp, "old_logp")
     _is_tensor(advantages, "advantages")
+    if advantages_per not in _ADV_LAYOUTS:
+        raise ValueError(f"advantages_per must be None, 'sequence' or 'token', got {advantages_per!r}")
     dev = stand_in.device
     old = _per_token(old_logp, "old_logp", stand_in)
     isw = _per_token(rollout_is_weights, "rollout_is_weights", stand_in)
@@ -146,19 +163,46 @@ def _companions(stand_in, who: str, old_logp, advantages, mask, *, cu_seqlens, r
     if advantages.dim() != 1 or advantages.shape[0] not in (S, T):
         raise ValueError(f"advantages must have shape ({S},) (per sequence) or ({T},) (per token), "
                          f"got {tuple(advantages.shape)}")
+    if S == T and T > 0:
+        # One value per sequence and one per token have the same length. Unambiguous only when every
+        # sequence holds exactly one token (both readings agree); otherwise the caller must say.
+        if advantages_per is None:
+            ambiguous = True if torch.compiler.is_compiling() else bool(((cu[1:] - cu[:-1]) != 1).any())
+            if ambiguous:
+                raise ValueError(f"advantages of shape ({T},) are ambiguous here: there are as many sequences as "
+                                 f"tokens ({T}, some sequences empty); pass advantages_per='sequence' or 'token'")
+        elif advantages_per == "token":
+            # The kernels read a length-S vector per sequence: one more (empty) sequence makes S != T.
+            cu = torch.cat([cu, cu[-1:]])
     return old, isw, m, advantages, cu, 0.0
 
 
-def pack_inputs(logits, labels, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights, temperature, norm) -> Packed:
+def contiguous_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(T, V) view of the logits the kernels accept: unit stride along V and rows that do not overlap
+    (an expanded / broadcast tensor, row stride 0, is copied)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.shape[0] > 0 and (flat.stride(-1) != 1 or (flat.shape[0] > 1 and flat.stride(0) < flat.shape[-1])):
+        flat = flat.contiguous()
+    return flat
+
+
+def check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        if isinstance(ignore_index, torch.Tensor) and ignore_index.numel() == 1 and not ignore_index.dtype.is_floating_point:
+            return int(ignore_index)
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    return ignore_index
+
+
+def pack_inputs(logits, labels, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights, temperature, norm,
+                advantages_per=None) -> Packed:
     """Validate a policy-loss call and return its packed form."""
     check_logits_labels(logits, labels)
     temperature = check_temperature(temperature)
     old, isw, m, adv, cu, norm_len = _companions(logits, "(T, V) logits" if logits.dim() == 2 else "(B, L, V) logits",
                                                  old_logp, advantages, mask, cu_seqlens=cu_seqlens,
-                                                 rollout_is_weights=rollout_is_weights)
-    flat = logits.reshape(-1, logits.shape[-1])
-    if flat.shape[0] > 0 and flat.stride(-1) != 1:
-        flat = flat.contiguous()
+                                                 rollout_is_weights=rollout_is_weights, advantages_per=advantages_per)
+    flat = contiguous_rows(logits)
     return Packed(
         logits=flat, labels=labels.reshape(-1).to(torch.int64), old_logp=old, advantages=adv, mask=m,
         rollout_is_weights=isw, cu_seqlens=cu, norm=check_norm(norm, logits.device), norm_len=norm_len,
@@ -166,7 +210,7 @@ def pack_inputs(logits, labels, old_logp, advantages, mask, *, cu_seqlens, rollo
     )
 
 
-def pack_logp_inputs(logp, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights, norm):
+def pack_logp_inputs(logp, old_logp, advantages, mask, *, cu_seqlens, rollout_is_weights, norm, advantages_per=None):
     """Validate a log-prob-level call: logp (B, L) padded or (T,) packed with cu_seqlens.
 
     Returns (logp, old, adv, mask, isw, cu, norm, norm_len) in packed 1-D form."""
@@ -178,5 +222,5 @@ def pack_logp_inputs(logp, old_logp, advantages, mask, *, cu_seqlens, rollout_is
     # The companions are checked against a stand-in whose leading dims are logp's token layout.
     old, isw, m, adv, cu, norm_len = _companions(logp.unsqueeze(-1), "(T,) logp" if logp.dim() == 1 else "(B, L) logp",
                                                  old_logp, advantages, mask, cu_seqlens=cu_seqlens,
-                                                 rollout_is_weights=rollout_is_weights)
+                                                 rollout_is_weights=rollout_is_weights, advantages_per=advantages_per)
     return logp.reshape(-1), old, adv, m, isw, cu, check_norm(norm, logp.device), norm_len

@@ -9,24 +9,49 @@ allocated with the input's own array library. No torch import.
     grad = dlpack_api.backward(logits, labels, fwd, mask=mask)   # d loss / d logits
 
 Inputs must already have the kernels' dtypes: logits float32/bfloat16/float16 (C-contiguous rows),
-labels and cu_seqlens int64, old_logp/advantages/rollout_is_weights float32, mask bool or uint8.
+labels int64, cu_seqlens int64 or int32, old_logp/advantages/rollout_is_weights float32, mask bool or uint8.
 """
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Optional
 
 from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 
 _NO_IGNORE = -(2**63)
+_F32_MAX = 3.4028234663852886e38
+_F32_TINY = 1.1754943508222875e-38
 
 
-def _xp(a) -> Any:
+def _xp(a, name: str = "logits") -> Any:
     """The array library of `a` (numpy, cupy or torch)."""
     root = type(a).__module__.split(".")[0]
-    if root not in ("numpy", "cupy", "torch"):
-        raise TypeError(f"unsupported array type {type(a).__name__}; pass NumPy, CuPy or torch arrays")
+    if root not in ("numpy", "cupy", "torch") or not hasattr(a, "__dlpack__"):
+        raise TypeError(f"argument '{name}' must be a NumPy, CuPy or torch array, got {type(a).__name__}")
     return importlib.import_module(root)
+
+
+def _check_arrays(**arrays) -> None:
+    for name, a in arrays.items():
+        if a is not None:
+            _xp(a, name)
+
+
+def _check_rows(logits) -> None:
+    """Expanded / broadcast logits (row stride 0; NumPy exports them read-only, which DLPack cannot say)."""
+    st = getattr(logits, "strides", None)
+    if _xp(logits).__name__ == "numpy" and logits.ndim == 2 and logits.shape[0] > 1 and st[0] < logits.shape[1] * logits.itemsize:
+        raise ValueError(f"argument 'logits' has overlapping rows (strides {st}, e.g. np.broadcast_to): "
+                         "pass np.ascontiguousarray(logits)")
+
+
+def _dense(a):
+    """An empty array's strides are whatever its library chose (NumPy: (0, V) rows of an empty batch);
+    give the kernels a fresh compact one, which they accept whatever T is."""
+    if a is not None and 0 in tuple(a.shape):
+        return _empty(a, tuple(a.shape), str(a.dtype).split(".")[-1])
+    return a
 
 
 def _on_gpu(a) -> bool:
@@ -63,21 +88,41 @@ def forward(logits, labels, old_logp, advantages, cu_seqlens, *, mask=None, roll
             temperature: float = 1.0, loss: str = "vespo", agg: Optional[str] = None, norm=None,
             **params) -> dict:
     """Fused forward. Returns a dict: loss (1,), metrics {name: 0-d view}, and the saved state
-    (logp, lse, dlogp) that `backward` needs."""
+    (logp, lse, dlogp, row_max, log_sum) that `backward` needs (row_max: each row's largest logit;
+    log_sum = lse - row_max / temperature; the backward uses these two, not lse)."""
     agg, values = resolve_loss(loss, agg, params)
-    if not (temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_arrays(logits=logits, labels=labels, old_logp=old_logp, advantages=advantages, cu_seqlens=cu_seqlens,
+                  mask=mask, rollout_is_weights=rollout_is_weights)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)) or not (_F32_TINY <= 1.0 / temperature <= _F32_MAX):
+        raise ValueError(f"temperature must be finite, > 0 and have a float32 inverse, got {temperature}")
+    if norm is not None:
+        if isinstance(norm, bool):
+            raise TypeError("norm must be a number, got bool")
+        try:
+            norm = float(norm)
+        except (TypeError, ValueError):
+            raise TypeError(f"norm must be a number (or a 1-element array), got {type(norm).__name__}") from None
+        if not (math.isfinite(norm) and _F32_TINY <= norm <= _F32_MAX):
+            raise ValueError(f"norm must be finite, > 0 and a normal float32 (>= 1.2e-38), got {norm}")
+    _check_rows(logits)
+    logits, labels, old_logp, advantages, mask, rollout_is_weights = (
+        _dense(a) for a in (logits, labels, old_logp, advantages, mask, rollout_is_weights))
     mod, la = _module_and_stream(logits)
+    if str(cu_seqlens.dtype).split(".")[-1] == "int32":  # issue #17: int32 offsets, as flash-attn uses
+        xp = _xp(cu_seqlens)
+        cu_seqlens = cu_seqlens.to(xp.int64) if xp.__name__ == "torch" else cu_seqlens.astype(xp.int64)
     T = logits.shape[0]
     S = cu_seqlens.shape[0] - 1
-    logp, lse, dlogp = (_empty(logits, (T,), "float32") for _ in range(3))
+    logp, lse, dlogp, row_max, log_sum = (_empty(logits, (T,), "float32") for _ in range(5))
     out = _empty(logits, (1,), "float32")
     metrics = _empty(logits, (len(METRIC_NAMES),), "float32")
     ws = _empty(logits, ((S + 1) * mod.seq_stride,), "float64")
     bad = _empty(logits, (1,), "int64")
     bad[0] = 0
     mod.logprob_fwd(logits, labels, mask, logp, lse, None, bad, inv_temperature=1.0 / temperature,
-                    ignore_index=_NO_IGNORE, **la)
+                    ignore_index=_NO_IGNORE, row_max=row_max, log_sum=log_sum, **la)
     row = int(bad[0])
     if row:
         raise IndexError(f"labels[{row - 1}] is outside [0, {logits.shape[1]}) at a counted position")
@@ -88,14 +133,17 @@ def forward(logits, labels, old_logp, advantages, cu_seqlens, *, mask=None, roll
     mod.seq_reduce(cu_seqlens, logp, old_logp, advantages, mask, rollout_is_weights, nrm, out, dlogp, metrics, ws,
                    loss_type=LOSS_IDS[loss], params=values, agg=AGG_IDS[agg], norm_len=0.0, **la)
     return {"loss": out, "metrics": {k: metrics[i] for i, k in enumerate(METRIC_NAMES)}, "logp": logp, "lse": lse,
-            "dlogp": dlogp, "temperature": temperature}
+            "dlogp": dlogp, "row_max": row_max, "log_sum": log_sum, "temperature": temperature}
 
 
 def backward(logits, labels, fwd: dict, *, mask=None, grad_scale=None, out=None):
     """Gradient of the forward's loss w.r.t. the logits (times grad_scale, a (1,) float32 array).
     `out` may be a preallocated array, or the logits themselves for an in-place gradient."""
+    _check_arrays(logits=logits, labels=labels, mask=mask, grad_scale=grad_scale, out=out)
+    logits, labels, mask = (_dense(a) for a in (logits, labels, mask))
     mod, la = _module_and_stream(logits)
     grad = out if out is not None else _empty(logits, tuple(logits.shape), str(logits.dtype).split(".")[-1])
     mod.logprob_bwd(logits, labels, mask, fwd["logp"], fwd["lse"], fwd["dlogp"], grad_scale, grad,
-                    inv_temperature=1.0 / fwd["temperature"], ignore_index=_NO_IGNORE, **la)
+                    inv_temperature=1.0 / fwd["temperature"], ignore_index=_NO_IGNORE, row_max=fwd.get("row_max"),
+                    log_sum=fwd.get("log_sum"), **la)
     return grad

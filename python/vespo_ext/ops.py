@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._inputs import check_cu_seqlens, check_logits_labels, check_temperature, pack_inputs, pack_logp_inputs
+from ._inputs import (check_cu_seqlens, check_ignore_index, check_logits_labels, check_temperature, contiguous_rows,
+                      pack_inputs, pack_logp_inputs)
 from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 
 _NO_IGNORE = -(2**63)  # ignore_index that matches no label: every counted label must be in [0, V)
@@ -368,7 +369,7 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo", cu_seqlens=None,
                 rollout_is_weights=None, temperature=1.0, agg=None, norm=None, return_metrics=False,
-                grad_inplace=False, **params):
+                grad_inplace=False, advantages_per=None, **params):
     """Any of the policy losses (vespo, grpo, ...) fused from logits to scalar loss.
 
     Layouts: padded logits (B, L, V) with (B, L) per-token tensors and advantages (B,) or (B, L);
@@ -376,6 +377,8 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo"
     Returns the 0-d loss, or (loss, metrics) with return_metrics=True (0-d tensors, no host sync).
     grad_inplace=True writes the gradient over the logits' own storage in backward (saves a T x V
     buffer; the logits' values are destroyed, so nothing else may need them after backward).
+    advantages_per="sequence"|"token" says how to read packed (T,) advantages when there are as many
+    sequences as tokens (required then, unless every sequence has exactly one token).
     """
     agg, values = resolve_loss(loss, agg, params)
     if not isinstance(grad_inplace, bool):
@@ -383,9 +386,11 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo"
     if isinstance(logits, torch.Tensor) and _use_reference(logits):
         return reference.policy_loss(logits, labels, old_logp, advantages, mask, loss=loss, cu_seqlens=cu_seqlens,
                                      rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg,
-                                     norm=norm, return_metrics=return_metrics, **params)
+                                     norm=norm, return_metrics=return_metrics, advantages_per=advantages_per,
+                                     **params)
     pk = pack_inputs(logits, labels, old_logp, advantages, mask, cu_seqlens=cu_seqlens,
-                     rollout_is_weights=rollout_is_weights, temperature=temperature, norm=norm)
+                     rollout_is_weights=rollout_is_weights, temperature=temperature, norm=norm,
+                     advantages_per=advantages_per)
     out, _, _, _, metrics, _, _ = torch.ops.vespo.policy_loss_fwd(
         pk.logits, pk.labels.contiguous(), _f32(pk.old_logp), _f32(pk.advantages),
         None if pk.mask is None else pk.mask.contiguous(), pk.cu_seqlens, _f32(pk.rollout_is_weights), pk.norm,
@@ -397,11 +402,12 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo"
 
 def vespo_loss(logits, labels, old_logp, advantages, mask=None, *, cu_seqlens=None, rollout_is_weights=None,
                temperature=1.0, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0, agg="token-mean", norm=None,
-               return_metrics=False, grad_inplace=False):
+               return_metrics=False, grad_inplace=False, advantages_per=None):
     """Fused VESPO loss: -phi(W_i) * A * log pi(y_t), phi(W) = W^k e^{lambda (1 - W)}, aggregated by `agg`."""
     return policy_loss(logits, labels, old_logp, advantages, mask, loss="vespo", cu_seqlens=cu_seqlens,
                        rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg, norm=norm,
-                       return_metrics=return_metrics, grad_inplace=grad_inplace, k_pos=k_pos,
+                       return_metrics=return_metrics, grad_inplace=grad_inplace, advantages_per=advantages_per,
+                       k_pos=k_pos,
                        lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg)
 
 
@@ -413,6 +419,7 @@ def token_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, return_e
     """
     check_logits_labels(logits, labels)
     temperature = check_temperature(temperature)
+    ignore_index = check_ignore_index(ignore_index)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, labels.numel(), logits.device)
     if _use_reference(logits):
@@ -420,9 +427,7 @@ def token_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, return_e
             return reference.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
                                             ignore_index=ignore_index)
     shape, V = logits.shape[:-1], logits.shape[-1]
-    flat = logits.detach().reshape(-1, V)
-    if flat.shape[0] > 0 and flat.stride(-1) != 1:
-        flat = flat.contiguous()
+    flat = contiguous_rows(logits.detach())
     logp, entropy = torch.ops.vespo.token_logprobs(flat, labels.reshape(-1).to(torch.int64).contiguous(),
                                                    1.0 / temperature, bool(return_entropy), int(ignore_index))
     if return_entropy:
@@ -431,7 +436,8 @@ def token_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, return_e
 
 
 def policy_loss_from_logp(logp, old_logp, advantages, mask=None, *, loss="vespo", cu_seqlens=None,
-                          rollout_is_weights=None, agg=None, norm=None, return_metrics=False, **params):
+                          rollout_is_weights=None, agg=None, norm=None, return_metrics=False, advantages_per=None,
+                          **params):
     """Any policy loss from per-token log-probs (B, L) or packed (T,) with cu_seqlens; differentiable in logp.
 
     For trainers that already compute log pi (veRL, TRL): the sequence reduction, the weights and the
@@ -439,7 +445,8 @@ def policy_loss_from_logp(logp, old_logp, advantages, mask=None, *, loss="vespo"
     """
     agg, values = resolve_loss(loss, agg, params)
     lp, old, adv, m, isw, cu, nrm, norm_len = pack_logp_inputs(logp, old_logp, advantages, mask, cu_seqlens=cu_seqlens,
-                                                               rollout_is_weights=rollout_is_weights, norm=norm)
+                                                               rollout_is_weights=rollout_is_weights, norm=norm,
+                                                               advantages_per=advantages_per)
     if logp.dtype == torch.float64 or _use_reference(logp):
         out = reference.policy_loss_from_logp(lp, old, adv, m, loss=loss, cu_seqlens=cu, rollout_is_weights=isw, agg=agg,
                                               norm=nrm, norm_len=norm_len, return_metrics=return_metrics, **params)

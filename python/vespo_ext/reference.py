@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ._inputs import check_cu_seqlens, check_logits_labels, check_temperature, pack_inputs
+from ._inputs import check_cu_seqlens, check_ignore_index, check_logits_labels, check_temperature, pack_inputs
 from ._spec import METRIC_NAMES, resolve_loss
 
 
@@ -22,6 +22,7 @@ def token_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, return_e
     """log softmax(logits / temperature) at the labels; labels == ignore_index give 0."""
     check_logits_labels(logits, labels)
     temperature = check_temperature(temperature)
+    ignore_index = check_ignore_index(ignore_index)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, labels.numel(), logits.device)
     V = logits.shape[-1]
@@ -193,11 +194,13 @@ def _metrics(nonempty, n_tok, n_seq, kl, W, log_w, coef, adv_seq, seq_log_tis, c
 
 
 def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo", cu_seqlens=None,
-                rollout_is_weights=None, temperature=1.0, agg=None, norm=None, return_metrics=False, **params):
+                rollout_is_weights=None, temperature=1.0, agg=None, norm=None, return_metrics=False,
+                advantages_per=None, **params):
     """Any policy loss from the logits: log-probs by autograd-able log-softmax, then the sequence math."""
     resolve_loss(loss, agg, params)
     pk = pack_inputs(logits, labels, old_logp, advantages, mask, cu_seqlens=cu_seqlens,
-                     rollout_is_weights=rollout_is_weights, temperature=temperature, norm=norm)
+                     rollout_is_weights=rollout_is_weights, temperature=temperature, norm=norm,
+                     advantages_per=advantages_per)
     V = pk.logits.shape[-1]
     m = pk.mask if pk.mask is not None else torch.ones(pk.labels.shape, dtype=torch.bool, device=pk.logits.device)
     bad = m & ((pk.labels < 0) | (pk.labels >= V))
@@ -214,9 +217,9 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo"
 
 def vespo_loss(logits, labels, old_logp, advantages, mask=None, *, cu_seqlens=None, rollout_is_weights=None,
                temperature=1.0, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0, agg="token-mean", norm=None,
-               return_metrics=False):
+               return_metrics=False, advantages_per=None):
     """Reference VESPO loss (SPEC.md): -phi(W_i) * A * log pi, aggregated by `agg`."""
     return policy_loss(logits, labels, old_logp, advantages, mask, loss="vespo", cu_seqlens=cu_seqlens,
                        rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg, norm=norm,
-                       return_metrics=return_metrics, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,
+                       return_metrics=return_metrics, advantages_per=advantages_per, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,
                        lambda_neg=lambda_neg)

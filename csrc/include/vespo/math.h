@@ -61,7 +61,7 @@ VESPO_HD void seq_coef(const SeqParams& p, double* rec) {
     const double cnt = rec[kSlotCount];
     const double s_hat = -rec[kSlotKl] / (cnt > 1.0 ? cnt : 1.0);  // mean of (logp - old), unclamped
     rec[kSlotAux] = s_hat;
-    coef = exp(s_hat < 10.0 ? s_hat : 10.0);
+    coef = exp(s_hat > 10.0 ? 10.0 : s_hat);  // a NaN s_hat stays NaN (never silently 10)
   }
   rec[kSlotCoef] = coef;
 }
@@ -119,7 +119,7 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
       // Sequence ratio s = exp(min(sg(s_hat) + logp - sg(logp), 10)): value exp(min(s_hat, 10)),
       // d s / d logp = s while s_hat <= 10. Then PPO's clip on s.
       const double s_hat = rec[kSlotAux], s = rec[kSlotCoef];
-      const double ds = s_hat <= 10.0 ? s : 0.0;
+      const double ds = s_hat > 10.0 ? 0.0 : s;  // NaN propagates
       const double lo = 1.0 - p.p[0], hi = 1.0 + p.p[1];
       const double pg1 = -adv * s, pg2 = -adv * clampd(s, lo, hi);
       if (pg2 > pg1) {
