@@ -258,7 +258,7 @@ def test_realistic_vocab_confident_rows():
         lp = R.linear_token_logprobs(inp["hidden"].double(), w.double(), lab, bias=inp["bias"].double())
     assert float((lp[conf] > math.log(0.999)).float().mean()) > 0.5
     inp["old_logp"] = (lp + 0.3 * torch.randn(T, dtype=torch.float64) / math.sqrt(96)).float()
-    check_lin(inp, chunk_tokens=None)  # default chunk: 256 tokens (2 whole sequences per group)
+    check_lin(inp, chunk_tokens=None)  # default chunk: 131 tokens (one whole sequence per group)
     check_lin(inp, chunk_tokens=80, agg="seq-mean-token-mean", metrics=False)  # every sequence two-pass
 
 
@@ -388,3 +388,13 @@ def test_bad_inputs():
         vespo_ext.linear_token_logprobs(h, w[:, :3], lab)
     with pytest.raises(IndexError, match="ignore_index"):
         vespo_ext.linear_token_logprobs(h, w, torch.full_like(lab, 99))
+
+
+def test_second_backward_through_the_same_graph_is_a_clear_error():
+    inp = make_linear([4, 6])
+    h = inp["hidden"].clone().requires_grad_(True)
+    loss = vespo_ext.linear_policy_loss(h, inp["weight"], inp["labels"], inp["old_logp"], inp["advantages"],
+                                        inp["mask"], cu_seqlens=inp["cu_seqlens"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same graph twice"):
+        loss.backward()

@@ -16,8 +16,8 @@ Paths (the plan is made from cu_seqlens on the host; chunk = chunk_tokens):
   * no gradient needed (no_grad / inputs not requiring grad): 1 GEMM per chunk, any chunking.
 A final seq_reduce over all T tokens gives the loss and the metrics exactly as `policy_loss` does.
 
-chunk_tokens=None: a chunk's logits take at most 32 MiB on CPU and 1 GiB on CUDA, i.e.
-chunk_tokens = max(1, budget // (V * itemsize)) (V=32768 fp32 on CPU: 256 tokens; V=151936 bf16 on
+chunk_tokens=None: a chunk's logits take at most 16 MiB on CPU and 1 GiB on CUDA, i.e.
+chunk_tokens = max(1, budget // (V * itemsize)) (V=32768 fp32 on CPU: 128 tokens; V=151936 bf16 on
 CUDA: 3533 tokens). Peak extra memory: one (chunk, V) buffer in the compute dtype, the hidden and
 weight gradients (the weight gradient accumulated in fp32 when the weight is bf16/fp16, plus one
 (V, H) low-precision partial product per chunk where torch has no mixed-dtype GEMM), O(T) vectors.
@@ -36,13 +36,13 @@ from ._inputs import _companions, check_norm, check_temperature
 from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
+_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
 _AGG_TOKEN_MEAN, _AGG_SEQ_SUM, _AGG_SEQ_MEAN, _AGG_SUM_NORM = (AGG_IDS[a] for a in (
     "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
 
 def default_chunk_tokens(V: int, dtype: torch.dtype, device) -> int:
-    """Tokens per chunk when chunk_tokens=None: the (chunk, V) logits buffer stays within 32 MiB on
+    """Tokens per chunk when chunk_tokens=None: the (chunk, V) logits buffer stays within 16 MiB on
     CPU (1 GiB on CUDA)."""
     kind = device.type if hasattr(device, "type") else str(device)
     return max(1, _CHUNK_BYTES.get(kind, _CHUNK_BYTES["cpu"]) // (max(V, 1) * dtype.itemsize))
@@ -282,19 +282,28 @@ def _(hidden, weight, bias, labels, old_logp, advantages, mask, cu_seqlens, roll
 
 
 def _lpl_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[2:])
+    # The finished gradients ride on ctx (not save_for_backward) so that backward can hand them over
+    # without a copy: scaled in place, then stolen by AccumulateGrad (saved tensors would stay referenced
+    # by the graph, and autograd would clone each of them, weight-sized for the weight).
+    # Detached aliases: no ctx -> output -> grad_fn -> ctx cycle, and a fresh TensorImpl to hand over.
+    ctx.grads = [g.detach() for g in output[2:]]
     ctx.flags = inputs[16:19]
-
-
-def _scaled(g: Tensor, grad_loss: Tensor, want: bool):
-    return g * grad_loss.to(g.dtype) if want and g.numel() else (g if want else None)
+    ctx.set_materialize_grads(False)  # else autograd allocates zeros for the unused outputs, weight-sized
 
 
 def _lpl_backward(ctx, grad_loss, _g_metrics, _g_gh, _g_gw, _g_gb):
-    gh, gw, gb = ctx.saved_tensors
+    if ctx.grads is None:
+        raise RuntimeError("linear_policy_loss: backward through the same graph twice is not supported (its "
+                           "gradients are computed in the forward and handed over once); call it again instead")
+    grads, ctx.grads = ctx.grads, None
+    if grad_loss is None:
+        return (None,) * 19
     need = ctx.needs_input_grad
-    return (_scaled(gh, grad_loss, need[0] and ctx.flags[0]), _scaled(gw, grad_loss, need[1] and ctx.flags[1]),
-            _scaled(gb, grad_loss, need[2] and ctx.flags[2])) + (None,) * 16
+    out = []
+    for g, want in zip(grads, (need[i] and ctx.flags[i] for i in range(3))):
+        out.append(g.mul_(grad_loss.to(g.dtype)) if want else None)
+    del grads
+    return tuple(out) + (None,) * 16
 
 
 _linear_policy_loss.register_autograd(_lpl_backward, setup_context=_lpl_setup)
@@ -367,13 +376,14 @@ def _ltl_setup(ctx, inputs, output):
     logp, lse, ent = output
     ctx.save_for_backward(hidden, weight, bias, labels, logp, lse, ent)
     ctx.args = (inv_t, with_entropy, ignore_index, chunk)
+    ctx.set_materialize_grads(False)  # an unused entropy gets None: its backward term is skipped
 
 
 def _ltl_backward(ctx, g_logp, _g_lse, g_ent):
     hidden, weight, bias, labels, logp, lse, ent = ctx.saved_tensors
     inv_t, with_entropy, ignore_index, chunk = ctx.args
     need = ctx.needs_input_grad
-    if not (need[0] or need[1] or need[2]):
+    if not (need[0] or need[1] or need[2]) or (g_logp is None and g_ent is None):
         return (None,) * 8
     if g_logp is None:
         g_logp = torch.zeros_like(logp)
