@@ -102,3 +102,14 @@ def test_fused_linear_setting():
     assert hf.linear_head(model) is None and hf.use_fused_linear("auto", model) is False
     with pytest.raises(ValueError, match="no plain nn.Linear head"):
         hf.use_fused_linear("true", model)
+
+
+def test_trainer_config_key():
+    config = pytest.importorskip("vespo_trainer.config")
+    assert config.load_config().actor.fused_linear == "auto"
+    for v in ("true", "false", "auto", "True"):
+        assert config.load_config(overrides=[f"actor.fused_linear={v}"]).actor.fused_linear == v.lower()
+    with pytest.raises(config.ConfigError, match="actor.fused_linear"):
+        config.load_config(overrides=["actor.fused_linear=maybe"])
+    with pytest.raises(config.ConfigError, match="actor.fused_linear: true needs zero_stage < 3"):
+        config.load_config(overrides=["actor.fused_linear=true", "actor.zero_stage=3"])
