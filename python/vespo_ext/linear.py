@@ -19,8 +19,9 @@ A final seq_reduce over all T tokens gives the loss and the metrics exactly as `
 chunk_tokens=None: a chunk's logits take at most 16 MiB on CPU and 1 GiB on CUDA, i.e.
 chunk_tokens = max(1, budget // (V * itemsize)) (V=32768 fp32 on CPU: 128 tokens; V=151936 bf16 on
 CUDA: 3533 tokens). Peak extra memory: one (chunk, V) buffer in the compute dtype, the hidden and
-weight gradients (the weight gradient accumulated in fp32 when the weight is bf16/fp16, plus one
-(V, H) low-precision partial product per chunk where torch has no mixed-dtype GEMM), O(T) vectors.
+weight gradients (the weight gradient accumulated in fp32 when the weight is bf16/fp16: in the GEMM
+itself on CUDA (addmm with an fp32 out), through one (V, H) low-precision partial product per chunk on
+CPU, where torch has no mixed-dtype GEMM), O(T) vectors.
 
 Deterministic: fixed chunk order, fixed GEMM shapes, no atomics (bitwise for a given thread count).
 """
@@ -131,7 +132,7 @@ class _Head:
             if self.gw.dtype == g.dtype:
                 self.gw.addmm_(g.t(), self.h[s:e])
             else:
-                self.gw.add_(_mm_f32(g.t(), self.h[s:e]))
+                _addmm_f32_(self.gw, g.t(), self.h[s:e])
         if self.need_gb:
             self.gb.add_(torch.sum(g, 0, dtype=torch.float32))
 
@@ -141,14 +142,20 @@ class _Head:
         return self.gh, gw, gb
 
 
-def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for low-precision a, b with an fp32 result where torch offers one (CUDA), else the plain product."""
-    if a.device.type == "cuda":
+_MIXED_ADDMM = {"cuda": True}  # addmm with an fp32 out for bf16/fp16 inputs (aten::addmm.dtype_out); CPU has none
+
+
+def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b for low-precision a, b: one GEMM accumulating into acc where torch offers the
+    mixed-dtype addmm (CUDA), else the low-precision product (one (V, H) temporary) added in fp32."""
+    kind = a.device.type
+    if _MIXED_ADDMM.get(kind, False):
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
         except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    return torch.mm(a, b)
+            _MIXED_ADDMM[kind] = False
+    acc.add_(torch.mm(a, b))
 
 
 def _plan(cu: list, chunk: int):
@@ -192,7 +199,6 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     dev = hidden.device
     f32 = {"dtype": torch.float32, "device": dev}
     need_grad = need_gh or need_gw or need_gb
-    head = _Head(hidden, weight, bias, chunk_tokens, need_gh, need_gw, need_gb and bias is not None)
     logp, lse, dlogp = torch.empty(T, **f32), torch.empty(T, **f32), torch.zeros(T, **f32)
     cu_host = cu_seqlens.cpu().tolist()
     if need_grad:
@@ -200,6 +206,8 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
         pieces = [(s0, min(s0 + chunk_tokens, e)) for _, s, e, _, _ in plan for s0 in range(s, e, chunk_tokens)]
     else:
         plan, pieces = [], [(s, min(s + chunk_tokens, T)) for s in range(0, T, chunk_tokens)]
+    rows = max((e - s for s, e in pieces), default=1)  # the buffer holds the largest piece, not a whole chunk
+    head = _Head(hidden, weight, bias, rows, need_gh, need_gw, need_gb and bias is not None)
     bad = torch.zeros(len(pieces), dtype=torch.int64, device=dev)
     k_piece = 0
 
