@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "check_errors", "has_kernels", "check_loss", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
+__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "linear_policy_loss", "linear_token_logprobs", "check_errors", "has_kernels", "check_loss", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
 
 from ._backend import has_kernels  # noqa: E402  (no torch import)
 from ._spec import AGGS, LOSSES, METRIC_NAMES  # noqa: E402  (no torch import)
@@ -31,7 +31,11 @@ def __getattr__(name):
         from . import ops
 
         return getattr(ops, name)
-    if name in ("reference", "dlpack_api", "ops", "integrations"):
+    if name in ("linear_policy_loss", "linear_token_logprobs"):
+        from . import linear
+
+        return getattr(linear, name)
+    if name in ("reference", "dlpack_api", "ops", "linear", "integrations"):
         import importlib
 
         return importlib.import_module(f"vespo_ext.{name}")

@@ -143,6 +143,38 @@ def _seq_reduce(mod, la: dict, logp: Tensor, old_logp, advantages, mask, cu_seql
 
 
 # ---------------------------------------------------------------------------------------------
+# Row-slice kernel calls for code that produces its logits piecewise (vespo_ext.linear). These two
+# functions and _seq_reduce are the only places outside the custom ops below that call the binding.
+def rows_logprob_fwd(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor,
+                     entropy: Optional[Tensor], bad: Tensor, inv_temperature: float,
+                     ignore_index: int = _NO_IGNORE) -> None:
+    """logprob_fwd on a (n, V) row slice: writes logp, lse (and entropy) (n,) float32; bad (1,) int64
+    receives (row + 1) of a counted row with an out-of-range label (0 = none); no host sync."""
+    with _guard(logits):
+        _backend.module_for(logits.device).logprob_fwd(
+            _dl(logits), _dl(labels), _dl(mask), logp, lse, entropy, bad, inv_temperature=inv_temperature,
+            ignore_index=ignore_index, **_launch(logits))
+
+
+def rows_logprob_bwd(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor,
+                     dlogp: Tensor, grad: Tensor, inv_temperature: float, ignore_index: int = _NO_IGNORE,
+                     scale: Optional[Tensor] = None) -> None:
+    """logprob_bwd on a (n, V) row slice: grad = scale * dlogp * (onehot - p) / tau (grad may be logits)."""
+    with _guard(logits):
+        _backend.module_for(logits.device).logprob_bwd(
+            _dl(logits), _dl(labels), _dl(mask), _dl(logp), _dl(lse), _dl(dlogp), scale, _dl(grad),
+            inv_temperature=inv_temperature, ignore_index=ignore_index, **_launch(logits))
+
+
+def rows_seq_reduce(logp, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm, loss_type: int,
+                    params: list, agg: int, norm_len: float):
+    """seq_reduce over packed per-token tensors: (loss 0-d, dlogp (T,), metrics)."""
+    with _guard(logp):
+        return _seq_reduce(_backend.module_for(logp.device), _launch(logp), logp, old_logp, advantages, mask,
+                           cu_seqlens, rollout_is_weights, norm, loss_type, params, agg, norm_len)
+
+
+# ---------------------------------------------------------------------------------------------
 # vespo::policy_loss_fwd — logprob_fwd + seq_reduce
 @torch.library.custom_op("vespo::policy_loss_fwd", mutates_args=())
 def _policy_loss_fwd(logits: Tensor, labels: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],

@@ -223,3 +223,26 @@ def vespo_loss(logits, labels, old_logp, advantages, mask=None, *, cu_seqlens=No
                        rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg, norm=norm,
                        return_metrics=return_metrics, advantages_per=advantages_per, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,
                        lambda_neg=lambda_neg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused linear head + loss (vespo_ext.linear): the oracle builds the full logits.
+def _linear_logits(hidden, weight, bias):
+    dt = _compute_dtype(hidden)
+    return torch.nn.functional.linear(hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+
+
+def linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, loss="vespo",
+                       cu_seqlens=None, rollout_is_weights=None, temperature=1.0, agg=None, norm=None,
+                       return_metrics=False, chunk_tokens=None, **params):
+    """policy_loss(hidden @ weight.T + bias, ...) with the logits materialised (float64 for float64 inputs)."""
+    return policy_loss(_linear_logits(hidden, weight, bias), labels, old_logp, advantages, mask, loss=loss,
+                       cu_seqlens=cu_seqlens, rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg,
+                       norm=norm, return_metrics=return_metrics, **params)
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, temperature=1.0,
+                          return_entropy=False, chunk_tokens=None, ignore_index=-100):
+    """token_logprobs(hidden @ weight.T + bias, ...), differentiable (autograd through the full logits)."""
+    return token_logprobs(_linear_logits(hidden, weight, bias), labels, cu_seqlens=cu_seqlens, temperature=temperature,
+                          return_entropy=return_entropy, ignore_index=ignore_index)

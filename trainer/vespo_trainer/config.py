@@ -167,8 +167,15 @@ class ActorConfig:
                                           "(DeepSpeed's stage3_param_persistence_threshold); 0 partitions all")
     num_cpus: float = _f(1.0, "CPUs Ray reserves for each learner rank")
     num_gpus: float = _f(-1.0, "GPUs for each learner rank (-1: 1 on cuda, 0 on cpu)")
+    fused_linear: str = _f("auto", "policy loss from the backbone's last hidden states + the head's weight "
+                                   "(vespo_ext.linear_policy_loss, no logits tensor): auto (on when the head is a "
+                                   "plain Linear, V >= 8192 and zero_stage < 3), true, false")
 
     def __post_init__(self):
+        self.fused_linear = str(self.fused_linear).lower()
+        _one_of(self.fused_linear, "actor.fused_linear", ("auto", "true", "false"))
+        _check(not (self.fused_linear == "true" and self.zero_stage == 3), "actor.fused_linear",
+               "true needs zero_stage < 3 (ZeRO-3 partitions the head's weight, which the fused loss reads directly)")
         _check(self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size", "must be >= 1")
         _check(self.micro_batch_size >= 0, "actor.micro_batch_size", "must be >= 0")
         _check(self.lr > 0, "actor.lr", "must be > 0")

@@ -94,6 +94,10 @@ class Learner:
                                                config=deepspeed_config(cfg, self.micro, self.gas, on_cuda))
         self.engine.train()
         self.version = 0  # optimizer steps taken by the policy (0 = initial / warmed-up weights)
+        from vespo_ext.integrations import hf as _hf
+
+        # actor.fused_linear: the loss from the backbone's hidden states + the head's weight (no logits tensor)
+        self.fused_linear = cfg.actor.zero_stage < 3 and _hf.use_fused_linear(cfg.actor.fused_linear, model)
 
     def info(self) -> dict:
         from vespo_ext import has_kernels
@@ -101,7 +105,7 @@ class Learner:
         kernels = "fused" if has_kernels(self.device) else \
             "pure-torch reference (fallback: vespo_ext has no compiled kernels here)"
         return {"params": self.n_params, "loss_kernels": kernels, "threads": self.threads, "device": str(self.device),
-                "zero_stage": self.cfg.actor.zero_stage, "micro_batch": self.micro, "grad_accum": self.gas,
+                "zero_stage": self.cfg.actor.zero_stage, "fused_linear": getattr(self, "fused_linear", None), "micro_batch": self.micro, "grad_accum": self.gas,
                 "version": self.version, "world_size": self.world, "rank": self.rank,
                 "pid": os.getpid()}
 
@@ -245,12 +249,18 @@ class Learner:
             stats = []
 
             def pg_loss(c):
-                logits = self._response_logits(batch["input_ids"][c].to(d), batch["attention_mask"][c].to(d), L)
-                loss, met = vespo_ext.policy_loss(
-                    logits, batch["responses"][c].to(d), old_logp[c].to(d), batch["advantages"][c].to(d),
-                    mask[c].to(d), loss=alg.loss, agg=alg.agg, norm=norms[k],
-                    rollout_is_weights=None if is_w is None else is_w[c].to(d),
-                    temperature=cfg.rollout.temperature, return_metrics=True, **dict(alg.loss_params))
+                ids, am = batch["input_ids"][c].to(d), batch["attention_mask"][c].to(d)
+                args = (batch["responses"][c].to(d), old_logp[c].to(d), batch["advantages"][c].to(d), mask[c].to(d))
+                kw = dict(loss=alg.loss, agg=alg.agg, norm=norms[k], temperature=cfg.rollout.temperature,
+                          rollout_is_weights=None if is_w is None else is_w[c].to(d), return_metrics=True,
+                          **dict(alg.loss_params))
+                if self.fused_linear:  # hidden states + head weight -> loss (vespo_ext.integrations.hf)
+                    from vespo_ext.integrations.hf import response_policy_loss
+
+                    loss, met = response_policy_loss(self.engine.module, ids, am, *args,
+                                                     position_ids=(am.cumsum(-1) - 1).clamp(min=0), **kw)
+                else:
+                    loss, met = vespo_ext.policy_loss(self._response_logits(ids, am, L), *args, **kw)
                 stats.append({name: float(v) for name, v in met.items()})
                 return loss
 

@@ -4,13 +4,16 @@
   ``sapo_fused`` and ``cispo_fused`` in veRL's policy-loss registry (importing it registers them).
 * `vespo_ext.integrations.trl` — ``FusedGRPOTrainer``, a drop-in TRL ``GRPOTrainer`` whose loss
   runs on the fused op.
+* `vespo_ext.integrations.hf` — the fused linear + policy loss of a Hugging Face causal LM from its
+  backbone's last hidden states and its head's weight (no logits tensor); the trainer's
+  ``actor.fused_linear`` uses it.
 
 Neither framework is imported here, nor by ``import vespo_ext``: each adapter imports its
 framework only when it is itself imported.
 """
 from __future__ import annotations
 
-__all__ = ["verl", "trl"]
+__all__ = ["verl", "trl", "hf"]
 
 
 def __getattr__(name):

@@ -1,0 +1,474 @@
+"""Fused linear head + policy loss: the loss straight from hidden states, never a T x V logits tensor.
+
+The logits are produced chunk by chunk (`torch.addmm`/`torch.mm` into one reused (chunk, V) buffer:
+cuBLAS on GPU, the CPU BLAS on CPU) and each chunk is handed to the compiled kernels of ops.py
+(logprob_fwd, seq_reduce, logprob_bwd written in place over the chunk). The gradients w.r.t. hidden,
+weight and bias are finished inside the forward (backward only scales them by the upstream gradient).
+
+Paths (the plan is made from cu_seqlens on the host; chunk = chunk_tokens):
+  * whole-sequence groups -- consecutive sequences that fit together in one chunk are processed in one
+    go: logits (1 GEMM), logprob_fwd, seq_reduce of the group with the batch-wide aggregation
+    denominator, logprob_bwd in place, grad_hidden = g @ W and grad_W += g^T h (2 GEMMs): 3 GEMMs.
+  * long sequences (longer than a chunk) -- two passes: log-probs of all pieces (1 GEMM each), the
+    sequence's seq_reduce, then per piece in reverse order a recompute (1 GEMM; skipped for the last
+    piece, whose logits are still in the buffer) and the 2 gradient GEMMs: 3 GEMMs per piece + 1 per
+    piece but the last, i.e. 4p - 1 for a p-piece sequence.
+  * no gradient needed (no_grad / inputs not requiring grad): 1 GEMM per chunk, any chunking.
+A final seq_reduce over all T tokens gives the loss and the metrics exactly as `policy_loss` does.
+
+chunk_tokens=None: a chunk's logits take at most 16 MiB on CPU and 1 GiB on CUDA, i.e.
+chunk_tokens = max(1, budget // (V * itemsize)) (V=32768 fp32 on CPU: 128 tokens; V=151936 bf16 on
+CUDA: 3533 tokens). Peak extra memory: one (chunk, V) buffer in the compute dtype, the hidden and
+weight gradients (the weight gradient accumulated in fp32 when the weight is bf16/fp16: in the GEMM
+itself on CUDA (addmm with an fp32 out), through one (V, H) low-precision partial product per chunk on
+CPU, where torch has no mixed-dtype GEMM), O(T) vectors.
+
+Deterministic: fixed chunk order, fixed GEMM shapes, no atomics (bitwise for a given thread count).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+from ._inputs import _companions, check_norm, check_temperature
+from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
+_AGG_TOKEN_MEAN, _AGG_SEQ_SUM, _AGG_SEQ_MEAN, _AGG_SUM_NORM = (AGG_IDS[a] for a in (
+    "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+
+
+def default_chunk_tokens(V: int, dtype: torch.dtype, device) -> int:
+    """Tokens per chunk when chunk_tokens=None: the (chunk, V) logits buffer stays within 16 MiB on
+    CPU (1 GiB on CUDA)."""
+    kind = device.type if hasattr(device, "type") else str(device)
+    return max(1, _CHUNK_BYTES.get(kind, _CHUNK_BYTES["cpu"]) // (max(V, 1) * dtype.itemsize))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+def _check_linear(hidden, weight, labels, bias, chunk_tokens) -> int:
+    for x, name in ((hidden, "hidden"), (weight, "weight"), (labels, "labels")):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if hidden.dtype not in _FLOATS:
+        raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (T, H) packed or (B, L, H) padded, got shape {tuple(hidden.shape)}")
+    H = hidden.shape[-1]
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H) as nn.Linear stores it, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, H={H}) to match hidden's last dim H={H}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have a non-empty vocabulary (V >= 1), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight must be on hidden's device {hidden.device}, got {weight.device}")
+    V = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must have shape (V,) = ({V},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias must be on hidden's device {hidden.device}, got {bias.device}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's without H), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels must be on hidden's device {hidden.device}, got {labels.device}")
+    if chunk_tokens is None:
+        return default_chunk_tokens(V, hidden.dtype, hidden.device)
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int):
+        raise TypeError(f"chunk_tokens must be an int or None, got {type(chunk_tokens).__name__}")
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return chunk_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk machinery shared by both ops
+class _Head:
+    """hidden (T, H), weight (V, H), bias: one reused (chunk, V) logits buffer and the gradient sinks."""
+
+    def __init__(self, hidden, weight, bias, chunk, need_gh, need_gw, need_gb):
+        self.h, self.w, self.b = hidden, weight, bias
+        T, H = hidden.shape
+        V = weight.shape[0]
+        dev, dt = hidden.device, hidden.dtype
+        self.buf = torch.empty((min(chunk, max(T, 1)), V), dtype=dt, device=dev)
+        self.gh = torch.empty((T, H) if need_gh else (0,), dtype=dt, device=dev)
+        if need_gh and T == 0:
+            self.gh.zero_()
+        acc = torch.float32 if dt != torch.float32 else dt
+        self.gw = torch.zeros((V, H) if need_gw else (0,), dtype=acc, device=dev)
+        self.gb = torch.zeros((V,) if need_gb else (0,), dtype=torch.float32, device=dev)
+        self.need_gh, self.need_gw, self.need_gb = need_gh, need_gw, need_gb
+
+    def logits(self, s: int, e: int) -> Tensor:
+        z = self.buf[: e - s]
+        if self.b is None:
+            torch.mm(self.h[s:e], self.w.t(), out=z)
+        else:
+            torch.addmm(self.b, self.h[s:e], self.w.t(), out=z)
+        return z
+
+    def accumulate(self, g: Tensor, s: int, e: int) -> None:
+        """g (n, V) = dloss/dlogits of rows [s, e): the two gradient GEMMs and the bias sum."""
+        if self.need_gh:
+            torch.mm(g, self.w, out=self.gh[s:e])
+        if self.need_gw:
+            if self.gw.dtype == g.dtype:
+                self.gw.addmm_(g.t(), self.h[s:e])
+            else:
+                _addmm_f32_(self.gw, g.t(), self.h[s:e])
+        if self.need_gb:
+            self.gb.add_(torch.sum(g, 0, dtype=torch.float32))
+
+    def grads(self):
+        gw = self.gw.to(self.w.dtype) if self.need_gw else self.gw
+        gb = self.gb.to(self.b.dtype) if self.need_gb else self.gb
+        return self.gh, gw, gb
+
+
+_MIXED_ADDMM = {"cuda": True}  # addmm with an fp32 out for bf16/fp16 inputs (aten::addmm.dtype_out); CPU has none
+
+
+def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b for low-precision a, b: one GEMM accumulating into acc where torch offers the
+    mixed-dtype addmm (CUDA), else the low-precision product (one (V, H) temporary) added in fp32."""
+    kind = a.device.type
+    if _MIXED_ADDMM.get(kind, False):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MIXED_ADDMM[kind] = False
+    acc.add_(torch.mm(a, b))
+
+
+def _plan(cu: list, chunk: int):
+    """[('group', s, e, i0, i1) | ('long', s, e, i, i + 1)]: sequence ranges [i0, i1) covering tokens [s, e)."""
+    out, S = [], len(cu) - 1
+    i = 0
+    while i < S:
+        s = cu[i]
+        if cu[i + 1] - s > chunk:
+            out.append(("long", s, cu[i + 1], i, i + 1))
+            i += 1
+            continue
+        j = i + 1
+        while j < S and cu[j + 1] - s <= chunk:
+            j += 1
+        if cu[j] > s:  # groups of empty sequences have no tokens to process
+            out.append(("group", s, cu[j], i, j))
+        i = j
+    return out
+
+
+def _raise_bad(bad: Tensor, starts: list, labels: Tensor, V: int, why: str) -> None:
+    if bad.numel() == 0:
+        return
+    rows = bad.cpu().tolist()  # one host sync per call
+    for k, r in enumerate(rows):
+        if r:
+            t = starts[k] + r - 1
+            raise IndexError(f"labels[{t}] = {int(labels[t])} is outside [0, {V}) {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# vespo::linear_policy_loss — loss, metrics and the finished gradients in one forward
+@torch.library.custom_op("vespo::linear_policy_loss", mutates_args=())
+def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, old_logp: Tensor,
+                        advantages: Tensor, mask: Optional[Tensor], cu_seqlens: Tensor,
+                        rollout_is_weights: Optional[Tensor], norm: Optional[Tensor], inv_temperature: float,
+                        loss_type: int, params: list[float], agg: int, norm_len: float, chunk_tokens: int,
+                        need_gh: bool, need_gw: bool, need_gb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    T, V = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    f32 = {"dtype": torch.float32, "device": dev}
+    need_grad = need_gh or need_gw or need_gb
+    logp, lse, dlogp = torch.empty(T, **f32), torch.empty(T, **f32), torch.zeros(T, **f32)
+    cu_host = cu_seqlens.cpu().tolist()
+    if need_grad:
+        plan = _plan(cu_host, chunk_tokens)
+        pieces = [(s0, min(s0 + chunk_tokens, e)) for _, s, e, _, _ in plan for s0 in range(s, e, chunk_tokens)]
+    else:
+        plan, pieces = [], [(s, min(s + chunk_tokens, T)) for s in range(0, T, chunk_tokens)]
+    rows = max((e - s for s, e in pieces), default=1)  # the buffer holds the largest piece, not a whole chunk
+    head = _Head(hidden, weight, bias, rows, need_gh, need_gw, need_gb and bias is not None)
+    bad = torch.zeros(len(pieces), dtype=torch.int64, device=dev)
+    k_piece = 0
+
+    def fwd(s, e):
+        nonlocal k_piece
+        z = head.logits(s, e)
+        ops.rows_logprob_fwd(z, labels[s:e], None if mask is None else mask[s:e], logp[s:e], lse[s:e], None,
+                             bad[k_piece:k_piece + 1], inv_temperature)
+        k_piece += 1
+        return z
+
+    if need_grad:
+        # logprob_bwd must never see an out-of-range counted label: check all of them up front (one sync).
+        bad_all = (labels < 0) | (labels >= V)
+        if mask is not None:
+            bad_all &= mask
+        if T and bool(bad_all.any()):
+            t = int(torch.nonzero(bad_all)[0])
+            raise IndexError(f"labels[{t}] = {int(labels[t])} is outside [0, {V}) at a counted position "
+                             "(give such positions mask=0)")
+        # The batch-wide aggregation denominator, so that each group's seq_reduce yields the final dlogp.
+        if norm is not None:
+            denom = norm
+        elif agg == _AGG_SUM_NORM:
+            lens = [b - a for a, b in zip(cu_host[:-1], cu_host[1:])]
+            denom = torch.full((1,), norm_len if norm_len > 0 else float(max(max(lens, default=1), 1)), **f32)
+        else:
+            m = torch.ones(T, dtype=torch.int64, device=dev) if mask is None else mask.to(torch.int64)
+            cm = torch.zeros(T + 1, dtype=torch.int64, device=dev)
+            torch.cumsum(m, 0, out=cm[1:])
+            if agg == _AGG_TOKEN_MEAN:
+                denom = cm[-1:].to(torch.float32)
+            else:
+                denom = ((cm[cu_seqlens[1:]] - cm[cu_seqlens[:-1]]) > 0).sum().reshape(1).to(torch.float32)
+            denom = denom.clamp_(min=1.0)
+        S = len(cu_host) - 1
+        per_token_adv = advantages.numel() != S
+
+        def reduce(s, e, i0, i1):
+            cu = torch.tensor([c - s for c in cu_host[i0:i1 + 1]], dtype=torch.int64, device=dev)
+            adv = advantages[s:e] if per_token_adv else advantages[i0:i1]
+            _, d, _ = ops.rows_seq_reduce(logp[s:e], old_logp[s:e], adv, None if mask is None else mask[s:e], cu,
+                                          None if rollout_is_weights is None else rollout_is_weights[s:e], denom,
+                                          loss_type, params, agg, norm_len)
+            dlogp[s:e] = d
+
+        def bwd(z, s, e):
+            ops.rows_logprob_bwd(z, labels[s:e], None if mask is None else mask[s:e], logp[s:e], lse[s:e],
+                                 dlogp[s:e], z, inv_temperature)
+            head.accumulate(z, s, e)
+
+        for kind, s, e, i0, i1 in plan:
+            if kind == "group":
+                z = fwd(s, e)
+                reduce(s, e, i0, i1)
+                bwd(z, s, e)
+                continue
+            cuts = [(a, min(a + chunk_tokens, e)) for a in range(s, e, chunk_tokens)]
+            for a, b in cuts:
+                z = fwd(a, b)
+            reduce(s, e, i0, i1)
+            for n, (a, b) in enumerate(reversed(cuts)):
+                bwd(z if n == 0 else head.logits(a, b), a, b)
+    else:
+        for s, e in pieces:
+            fwd(s, e)
+    _raise_bad(bad, [s for s, _ in pieces], labels, V, "at a counted position (give such positions mask=0)")
+    loss, _, metrics = ops.rows_seq_reduce(logp, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm,
+                                           loss_type, params, agg, norm_len)
+    return (loss, metrics) + head.grads()
+
+
+@_linear_policy_loss.register_fake
+def _(hidden, weight, bias, labels, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm,
+      inv_temperature, loss_type, params, agg, norm_len, chunk_tokens, need_gh, need_gw, need_gb):
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty((len(METRIC_NAMES),), dtype=torch.float32),
+            hidden.new_empty(tuple(hidden.shape) if need_gh else (0,)),
+            weight.new_empty(tuple(weight.shape) if need_gw else (0,)),
+            hidden.new_empty((weight.shape[0],) if (need_gb and bias is not None) else (0,)))
+
+
+def _lpl_setup(ctx, inputs, output):
+    # The finished gradients ride on ctx (not save_for_backward) so that backward can hand them over
+    # without a copy: scaled in place, then stolen by AccumulateGrad (saved tensors would stay referenced
+    # by the graph, and autograd would clone each of them, weight-sized for the weight).
+    # Detached aliases: no ctx -> output -> grad_fn -> ctx cycle, and a fresh TensorImpl to hand over.
+    ctx.grads = [g.detach() for g in output[2:]]
+    ctx.flags = inputs[16:19]
+    ctx.set_materialize_grads(False)  # else autograd allocates zeros for the unused outputs, weight-sized
+
+
+def _lpl_backward(ctx, grad_loss, _g_metrics, _g_gh, _g_gw, _g_gb):
+    if ctx.grads is None:
+        raise RuntimeError("linear_policy_loss: backward through the same graph twice is not supported (its "
+                           "gradients are computed in the forward and handed over once); call it again instead")
+    grads, ctx.grads = ctx.grads, None
+    if grad_loss is None:
+        return (None,) * 19
+    need = ctx.needs_input_grad
+    out = []
+    for g, want in zip(grads, (need[i] and ctx.flags[i] for i in range(3))):
+        out.append(g.mul_(grad_loss.to(g.dtype)) if want else None)
+    del grads
+    return tuple(out) + (None,) * 16
+
+
+_linear_policy_loss.register_autograd(_lpl_backward, setup_context=_lpl_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# vespo::linear_token_logprobs — per-token log-probs (and entropy); backward recomputes the chunks
+@torch.library.custom_op("vespo::linear_token_logprobs", mutates_args=())
+def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                           inv_temperature: float, with_entropy: bool, ignore_index: int,
+                           chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+    T, V = hidden.shape[0], weight.shape[0]
+    f32 = {"dtype": torch.float32, "device": hidden.device}
+    head = _Head(hidden, weight, bias, chunk_tokens, False, False, False)
+    logp, lse, ent = torch.empty(T, **f32), torch.empty(T, **f32), torch.empty(T if with_entropy else 0, **f32)
+    starts = list(range(0, T, chunk_tokens))
+    bad = torch.zeros(len(starts), dtype=torch.int64, device=hidden.device)
+    for k, s in enumerate(starts):
+        e = min(s + chunk_tokens, T)
+        ops.rows_logprob_fwd(head.logits(s, e), labels[s:e], None, logp[s:e], lse[s:e],
+                             ent[s:e] if with_entropy else None, bad[k:k + 1], inv_temperature, ignore_index)
+    _raise_bad(bad, starts, labels, V, f"and is not ignore_index={ignore_index}")
+    return logp, lse, ent
+
+
+@_linear_token_logprobs.register_fake
+def _(hidden, weight, bias, labels, inv_temperature, with_entropy, ignore_index, chunk_tokens):
+    T = hidden.shape[0]
+    return (hidden.new_empty((T,), dtype=torch.float32), hidden.new_empty((T,), dtype=torch.float32),
+            hidden.new_empty((T if with_entropy else 0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("vespo::linear_token_logprobs_bwd", mutates_args=())
+def _linear_token_logprobs_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, logp: Tensor,
+                               lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                               inv_temperature: float, ignore_index: int, chunk_tokens: int, need_gh: bool,
+                               need_gw: bool, need_gb: bool) -> tuple[Tensor, Tensor, Tensor]:
+    T = hidden.shape[0]
+    head = _Head(hidden, weight, bias, chunk_tokens, need_gh, need_gw, need_gb and bias is not None)
+    valid = labels != ignore_index
+    dlogp = grad_logp.to(torch.float32).contiguous()
+    for s in range(0, T, chunk_tokens):
+        e = min(s + chunk_tokens, T)
+        z = head.logits(s, e)
+        extra = None
+        if grad_entropy is not None:
+            # dH/dx_v = -p_v (log p_v + H), x = z / tau (torch on the chunk: the kernel has no entropy backward)
+            lp = z.to(torch.float32) * inv_temperature - lse[s:e, None]
+            p = torch.exp(lp)
+            coef = (grad_entropy[s:e].to(torch.float32) * -inv_temperature)[:, None]
+            extra = torch.where(p > 0, coef * p * (lp + entropy[s:e, None]), 0.0)
+        ops.rows_logprob_bwd(z, labels[s:e], valid[s:e], logp[s:e], lse[s:e], dlogp[s:e], z, inv_temperature,
+                             ignore_index)
+        if extra is not None:
+            z.copy_(z.to(torch.float32) + extra)
+        head.accumulate(z, s, e)
+    return head.grads()
+
+
+@_linear_token_logprobs_bwd.register_fake
+def _(hidden, weight, bias, labels, logp, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
+      chunk_tokens, need_gh, need_gw, need_gb):
+    return (hidden.new_empty(tuple(hidden.shape) if need_gh else (0,)),
+            weight.new_empty(tuple(weight.shape) if need_gw else (0,)),
+            hidden.new_empty((weight.shape[0],) if (need_gb and bias is not None) else (0,)))
+
+
+def _ltl_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, inv_t, with_entropy, ignore_index, chunk = inputs
+    logp, lse, ent = output
+    ctx.save_for_backward(hidden, weight, bias, labels, logp, lse, ent)
+    ctx.args = (inv_t, with_entropy, ignore_index, chunk)
+    ctx.set_materialize_grads(False)  # an unused entropy gets None: its backward term is skipped
+
+
+def _ltl_backward(ctx, g_logp, _g_lse, g_ent):
+    hidden, weight, bias, labels, logp, lse, ent = ctx.saved_tensors
+    inv_t, with_entropy, ignore_index, chunk = ctx.args
+    need = ctx.needs_input_grad
+    if not (need[0] or need[1] or need[2]) or (g_logp is None and g_ent is None):
+        return (None,) * 8
+    if g_logp is None:
+        g_logp = torch.zeros_like(logp)
+    gh, gw, gb = torch.ops.vespo.linear_token_logprobs_bwd(
+        hidden, weight, bias, labels, logp, lse, ent, g_logp, g_ent if with_entropy else None, inv_t, ignore_index,
+        chunk, need[0], need[1], need[2] and bias is not None)
+    return (gh if need[0] else None, gw if need[1] else None, gb if (need[2] and bias is not None) else None) + (None,) * 5
+
+
+_linear_token_logprobs.register_autograd(_ltl_backward, setup_context=_ltl_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+def _flat(hidden: Tensor) -> Tensor:
+    return hidden.reshape(-1, hidden.shape[-1]).contiguous()
+
+
+def linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, loss="vespo",
+                       cu_seqlens=None, rollout_is_weights=None, temperature=1.0, agg=None, norm=None,
+                       return_metrics=False, chunk_tokens=None, **params):
+    """policy_loss(hidden @ weight.T + bias, ...) without the T x V logits; gradients to hidden, weight, bias.
+
+    hidden (B, L, H) padded or (T, H) packed (with cu_seqlens), weight (V, H) as nn.Linear stores it
+    (tied embeddings work: autograd accumulates), bias (V,) optional; everything else as `policy_loss`.
+    Each loss / agg / TIS / temperature / norm / metrics option means what it means there.
+
+    GEMMs (chunk = chunk_tokens, None: see default_chunk_tokens): consecutive whole sequences that fit
+    in a chunk are one group: 3 GEMMs per group (logits, then d hidden and d weight, the gradient
+    finished in the forward). A sequence longer than a chunk runs two-pass over its p pieces:
+    4p - 1 GEMMs. Without gradients: 1 GEMM per chunk. float64 inputs run the reference (which
+    builds the full logits).
+    """
+    agg, values = resolve_loss(loss, agg, params)
+    chunk = _check_linear(hidden, weight, labels, bias, chunk_tokens)
+    temperature = check_temperature(temperature)
+    if hidden.dtype == torch.float64 or ops._use_reference(hidden):
+        return reference.linear_policy_loss(hidden, weight, labels, old_logp, advantages, mask, bias=bias, loss=loss,
+                                            cu_seqlens=cu_seqlens, rollout_is_weights=rollout_is_weights,
+                                            temperature=temperature, agg=agg, norm=norm,
+                                            return_metrics=return_metrics, **params)
+    who = "(T, H) hidden" if hidden.dim() == 2 else "(B, L, H) hidden"
+    old, isw, m, adv, cu, norm_len = _companions(hidden, who, old_logp, advantages, mask, cu_seqlens=cu_seqlens,
+                                                 rollout_is_weights=rollout_is_weights)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    out, metrics, _, _, _ = torch.ops.vespo.linear_policy_loss(
+        _flat(hidden), weight.contiguous(), None if bias is None else bias.contiguous(),
+        labels.reshape(-1).to(torch.int64).contiguous(), ops._f32(old), ops._f32(adv),
+        None if m is None else m.contiguous(), cu, ops._f32(isw), check_norm(norm, hidden.device), 1.0 / temperature,
+        LOSS_IDS[loss], values, AGG_IDS[agg], norm_len, chunk, need[0], need[1], need[2])
+    if not return_metrics:
+        return out
+    return out, dict(zip(METRIC_NAMES, metrics.detach().unbind(0)))
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, temperature=1.0,
+                          return_entropy=False, chunk_tokens=None, ignore_index=-100):
+    """log softmax((hidden @ weight.T + bias) / temperature)[label] per token (float32), optionally the entropy.
+
+    Differentiable in hidden, weight and bias (logp and entropy): backward recomputes each chunk's
+    logits (1 GEMM) and runs the 2 gradient GEMMs, so forward is 1 GEMM per chunk and backward 3.
+    Labels equal to ignore_index give 0 (and no gradient); other labels outside [0, V) raise IndexError.
+    """
+    chunk = _check_linear(hidden, weight, labels, bias, chunk_tokens)
+    temperature = check_temperature(temperature)
+    if cu_seqlens is not None:
+        from ._inputs import check_cu_seqlens
+        check_cu_seqlens(cu_seqlens, labels.numel(), hidden.device)
+    if hidden.dtype == torch.float64 or ops._use_reference(hidden):
+        return reference.linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                               return_entropy=return_entropy, ignore_index=ignore_index)
+    shape = hidden.shape[:-1]
+    logp, _, ent = torch.ops.vespo.linear_token_logprobs(
+        _flat(hidden), weight.contiguous(), None if bias is None else bias.contiguous(),
+        labels.reshape(-1).to(torch.int64).contiguous(), 1.0 / temperature, bool(return_entropy), int(ignore_index),
+        chunk)
+    if return_entropy:
+        return logp.reshape(shape), ent.reshape(shape)
+    return logp.reshape(shape)
