@@ -190,6 +190,35 @@ def copy_bandwidth(n_bytes=4 * 2**30, reps=10):
     return 2 * n_bytes / statistics.median(times)
 
 
+def cpu_read_copy_ms(reps=7):
+    """CPU: a plain read (sum) and a copy of one logits-sized buffer (median ms, the run's threads).
+    One fwd+bwd must read the logits once (forward) and read + write them once (backward): the
+    floor is read + copy."""
+    a = torch.empty_like(logits).normal_() if logits.dtype.is_floating_point else logits.clone()
+    b = torch.empty_like(a)
+    b.copy_(a)  # first touch outside the timing
+    rd, cp = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a.sum(dtype=torch.float32)
+        t1 = time.perf_counter()
+        b.copy_(a)
+        t2 = time.perf_counter()
+        rd.append(t1 - t0)
+        cp.append(t2 - t1)
+    del a, b
+    return statistics.median(rd) * 1e3, statistics.median(cp) * 1e3
+
+
+if not is_cuda:
+    machine["read_ms"], machine["copy_ms"] = cpu_read_copy_ms()
+    machine["read_GBps"] = logits_bytes / (machine["read_ms"] / 1e3) / 1e9
+    machine["copy_GBps"] = 2 * logits_bytes / (machine["copy_ms"] / 1e3) / 1e9
+    machine["floor_ms"] = machine["read_ms"] + machine["copy_ms"]
+    log(f"CPU, one logits buffer ({logits_bytes / 2**20:.0f} MiB): read {machine['read_ms']:.1f} ms "
+        f"({machine['read_GBps']:.1f} GB/s), copy {machine['copy_ms']:.1f} ms ({machine['copy_GBps']:.1f} GB/s "
+        f"read + write): fwd+bwd floor (read + copy) {machine['floor_ms']:.1f} ms")
+
 if is_cuda:
     machine["copy_GBps"] = copy_bandwidth() / 1e9
     log(f"device-to-device copy: {machine['copy_GBps']:.0f} GB/s (read + write; the memory ceiling); "
@@ -679,6 +708,11 @@ for loss_name in losses:
                                                  if machine.get("copy_GBps") else "")
         print(f"{r['label']:34s} | {r['fwd_bwd_ms']:10.2f} | {sp:>16s} | {mem}{bw}")
     print("* GB/s: 3 logits buffers (fwd read, bwd read, grad write) over the fwd+bwd time")
+    if machine.get("floor_ms"):
+        f_ms = res["variants"].get("fused", {}).get("fwd_bwd_ms")
+        print(f"CPU read {machine['read_GBps']:.1f} GB/s, copy {machine['copy_GBps']:.1f} GB/s (read + write), measured "
+              f"now: floor read + copy = {machine['floor_ms']:.2f} ms"
+              + (f"; fused {f_ms:.1f} ms = {f_ms / machine['floor_ms']:.2f}x the floor" if f_ms else ""))
     print("\nforward / backward alone (ms, medians), fastest fwd+bwd, process CPU time per fwd+bwd:")
     for name, r in res["variants"].items():
         if "fwd_ms" in r:

@@ -176,3 +176,25 @@ def test_advantages_layout_is_never_guessed_when_S_equals_T(device):
     with pytest.raises(ValueError, match="advantages_per"):
         vespo_ext.policy_loss_from_logp(lp, inp["old_logp"], inp["advantages"], inp["mask"],
                                         cu_seqlens=inp["cu_seqlens"])
+
+
+def test_cuda_bad_label_is_reported_without_a_sync(device, monkeypatch):
+    """On CUDA the bad-label flag is not read in the forward; the error comes at the next op call or
+    at check_errors(). On CPU it is immediate."""
+    from vespo_ext import ops
+
+    monkeypatch.setattr(ops, "_SYNC_CHECKS", False)
+    z = torch.randn(5, 7, device=device)
+    y = torch.tensor([0, 1, 9, 2, 3], device=device)
+    if device.type == "cpu":
+        with pytest.raises(IndexError, match=r"labels\[2\]"):
+            vespo_ext.token_logprobs(z, y)
+        return
+    vespo_ext.token_logprobs(z, y)  # returns; nothing read on the host
+    with pytest.raises(IndexError, match=r"labels\[2\]"):
+        vespo_ext.check_errors()
+    vespo_ext.check_errors()  # reported once
+    vespo_ext.token_logprobs(z, y)
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match=r"labels\[2\]"):
+        vespo_ext.token_logprobs(z, torch.zeros_like(y))  # the next call raises the earlier error

@@ -74,7 +74,7 @@ def spec_per_token(loss, logp, old, adv, mask, isw=None, **p):
     elif loss == "sapo":
         tp, tn = p.get("tau_pos", 1.0), p.get("tau_neg", 1.05)
         r = torch.exp((logp - old).clamp(-20, 20))
-        tau = torch.where(_first_counted(adv, m) > 0, _t(tp, logp), _t(tn, logp)).unsqueeze(1)
+        tau = torch.where(adv > 0, _t(tp, logp), _t(tn, logp))  # per token, as veRL
         out = -(4.0 / tau) * torch.sigmoid(tau * (r - 1)) * adv
     elif loss == "cispo":
         lo, hi = p.get("clip_ratio_low", 0.2), p.get("clip_ratio_high", 0.2)

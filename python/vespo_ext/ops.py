@@ -202,6 +202,16 @@ def _(logits, labels, old_logp, advantages, mask, cu_seqlens, rollout_is_weights
             logits.new_empty((T,), **f32))
 
 
+def _bwd_into(grad: Tensor, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature) -> None:
+    """The pre-#18 backward call from lse alone (kept for callers written against it): prefer
+    _logprob_bwd_kernel with the forward's (row_max, log_sum), which is shift-invariant."""
+    mod = _backend.module_for(logits.device)
+    scale = grad_loss.detach().reshape(1).to(torch.float32).contiguous()
+    with _guard(logits):
+        mod.logprob_bwd(_dl(logits), _dl(labels), _dl(mask), _dl(logp), _dl(lse), _dl(dlogp), scale, _dl(grad),
+                        inv_temperature=inv_temperature, ignore_index=_NO_IGNORE, **_launch(logits))
+
+
 # ---------------------------------------------------------------------------------------------
 # vespo::logprob_bwd (new gradient) and vespo::logprob_bwd_ (gradient written over the logits)
 class _CpuGradCache:

@@ -123,7 +123,8 @@ def policy_loss_from_logp(logp, old_logp, advantages, mask=None, *, loss="vespo"
     elif loss == "sapo":
         tau_pos, tau_neg = p
         ratio = torch.exp(torch.clamp(lp - old, -20.0, 20.0))
-        tau = torch.where(adv_seq > 0, torch.tensor(tau_pos, dtype=dt), torch.tensor(tau_neg, dtype=dt))[seq]
+        # tau by the sign of each token's own advantage (veRL's compute_policy_loss_sapo)
+        tau = torch.where(adv_tok > 0, torch.tensor(tau_pos, dtype=dt), torch.tensor(tau_neg, dtype=dt))
         per_token = -4.0 * torch.sigmoid(tau * (ratio - 1.0)) / tau * adv_tok
         coef = torch.ones(S, dtype=dt, device=logp.device)
     elif loss == "cispo":

@@ -135,11 +135,12 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
       break;
     }
     case LossType::kSapo: {
-      // Soft gate f(r) = 4 sigma(tau (r - 1)) / tau, tau by the sequence's advantage sign (> 0).
+      // Soft gate f(r) = 4 sigma(tau (r - 1)) / tau, tau by the sign of this token's own advantage
+      // (tau_pos if A_t > 0, else tau_neg), as veRL's compute_policy_loss_sapo.
       const double d = logp - (double)old_f;
       const double r = exp(clampd(d, -20.0, 20.0));
       const double dr = (d >= -20.0 && d <= 20.0) ? r : 0.0;
-      const double tau = rec[kSlotAdvSign] > 0.0 ? p.p[0] : p.p[1];
+      const double tau = adv > 0.0 ? p.p[0] : p.p[1];
       const double sig = 1.0 / (1.0 + exp(-tau * (r - 1.0)));
       const double scale = 4.0 / tau;
       out.value = -scale * sig * adv * w_tis;
