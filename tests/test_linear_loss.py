@@ -262,7 +262,8 @@ def test_realistic_vocab_confident_rows():
     check_lin(inp, chunk_tokens=80, agg="seq-mean-token-mean", metrics=False)  # every sequence two-pass
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     inp = make_linear([5, 9, 2], tis=True)
     rest = {k: v for k, v in inp.items() if k not in ("hidden", "weight", "bias")}
@@ -272,7 +273,7 @@ def test_torch_compile_fullgraph():
                                                agg="seq-mean-token-mean", **rest)
         return loss * 2.0, m["w_seq_mean"]
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     pe = [inp[k].clone().requires_grad_(True) for k in _PARAMS]
     pc = [inp[k].clone().requires_grad_(True) for k in _PARAMS]
     oe, oc = f(*pe), compiled(*pc)
@@ -287,7 +288,7 @@ def test_torch_compile_fullgraph():
         lp, ent = vespo_ext.linear_token_logprobs(h, w, inp["labels"], return_entropy=True, chunk_tokens=4)
         return (lp * 0.5 + ent * 0.1).sum()
 
-    cg = torch.compile(g, fullgraph=True, backend="aot_eager")
+    cg = torch.compile(g, fullgraph=True, backend=backend)
     he, hc = inp["hidden"].clone().requires_grad_(True), inp["hidden"].clone().requires_grad_(True)
     g(he, inp["weight"]).backward()
     cg(hc, inp["weight"]).backward()

@@ -52,6 +52,11 @@ GRPO / SAPO clamp the token log-ratio at ±20 and GSPO's exponent at 10 (TRL: no
 VESPO sums the vLLM IS log-ratio over every position, the fused op over counted ones (TRL's ratio
 is exactly 1 at uncounted positions in its token modes, so they agree).
 
+Fused linear (``fused_linear = "auto" | "true" | "false"`` on the trainer; auto: a plain Linear head and
+V >= 8192): the per-token log-probs and entropies come from the backbone's last hidden states and
+``lm_head.weight`` through ``vespo_ext.linear_token_logprobs``, never a (B, T, V) logits tensor
+(multimodal inputs and the MoE aux loss keep TRL's forward).
+
 Tested against TRL 1.16.
 """
 from __future__ import annotations
@@ -62,7 +67,7 @@ from typing import Optional
 
 import torch
 
-from .. import ops
+from .. import linear, ops
 
 try:
     from trl import GRPOTrainer as _GRPOTrainer
@@ -163,6 +168,31 @@ class FusedGRPOMixin:
         return super()._compute_loss(model, inputs)
 
     # -------------------------------------------------------------------------------------------
+    fused_linear = "auto"  # "auto" (plain Linear head, V >= 8192), "true", "false": see _fused_linear_logps
+
+    def _fused_linear_logps(self, model, input_ids, attention_mask, logits_to_keep, extra):
+        """TRL's per-token log-probs and entropies from the backbone's last hidden states and the head's
+        weight (vespo_ext.linear_token_logprobs: no (B, T, V) logits), or None for TRL's own forward:
+        fused_linear "false", a model whose logits are not lm_head(hidden) (integrations.hf.linear_head),
+        multimodal inputs, or the MoE aux loss. Same values as TRL's (logits / temperature, log-softmax
+        at the completion tokens, entropy), differentiable in every parameter."""
+        from . import hf
+
+        if str(getattr(self, "fused_linear", "auto")).lower() == "false" or self.aux_loss_enabled or \
+                any(v is not None for v in extra.values()):
+            return None
+        unwrap = getattr(getattr(self, "accelerator", None), "unwrap_model", None)
+        unwrapped = unwrap(model) if callable(unwrap) else model
+        if not hf.use_fused_linear(getattr(self, "fused_linear", "auto"), unwrapped):
+            return None
+        backbone, head = hf.linear_head(unwrapped)
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, -logits_to_keep - 1:-1]
+        logp, entropy = linear.linear_token_logprobs(
+            hidden, head.weight, input_ids[:, -logits_to_keep:], bias=head.bias, temperature=self.temperature,
+            return_entropy=True)
+        return logp, entropy.detach(), None
+
     def _compute_loss(self, model, inputs):
         loss_name, params, reason = fused_plan(self)
         if loss_name is None:
@@ -178,9 +208,13 @@ class FusedGRPOMixin:
         sig = inspect.signature(self._get_per_token_logps_and_entropies).parameters.values()
         extra = {p.name: inputs.get(p.name) for p in sig  # TRL passes these multimodal inputs by name
                  if p.name not in _LOGP_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled, **extra)
+        fused = self._fused_linear_logps(model, input_ids, attention_mask, logits_to_keep, extra)
+        if fused is not None:
+            per_token_logps, entropies, aux_loss = fused
+        else:
+            per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled, **extra)
 
         entropy_mask = (self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
                         if self.top_entropy_quantile < 1.0 else None)
