@@ -5,7 +5,6 @@ import glob
 import os
 
 import pytest
-
 from trainer_test_utils import ROOT, TINY
 
 from vespo_trainer import cli

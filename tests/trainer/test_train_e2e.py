@@ -77,7 +77,7 @@ def test_vespo_train_cli_end_to_end(tmp_path, ray_cluster):
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, ray_cluster):
-    from vespo_trainer.sync_loop import resolve_run_dir
+    from vespo_trainer.loops.common import resolve_run_dir
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     import pytest
@@ -97,7 +97,7 @@ def _compare(a, b):
 
 
 def test_resume_gives_the_same_run(tmp_path, ray_cluster):
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     straight = train(load_tiny(tmp_path / "straight"))
     split = tmp_path / "split"
@@ -116,7 +116,7 @@ def test_resume_gives_the_same_run(tmp_path, ray_cluster):
 def test_variants_bf16_rollout_tis_grad_accum_zero2_grpo(tmp_path, ray_cluster):
     """The optional paths in one short run: bf16 rollout (a real mismatch), TIS with recomputed old
     log-probs, gradient accumulation over micro-batches, ZeRO-2, a baseline loss, 2 rollout workers."""
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     run = train(load_tiny(tmp_path / "v", "trainer.total_steps=2", "trainer.save_every=0", "rollout.dtype=bf16",
                           "algorithm.tis=true", "actor.micro_batch_size=2", "actor.zero_stage=2",
