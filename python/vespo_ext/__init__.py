@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "has_kernels", "check_loss", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
+__all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "rollout_correction", "has_kernels", "check_loss", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
 
 from ._backend import has_kernels  # noqa: E402  (no torch import)
 from ._spec import AGGS, LOSSES, METRIC_NAMES  # noqa: E402  (no torch import)
@@ -31,6 +31,10 @@ def __getattr__(name):
         from . import ops
 
         return getattr(ops, name)
+    if name == "rollout_correction":
+        from .rollout_corr import rollout_correction
+
+        return rollout_correction
     if name in ("reference", "dlpack_api", "ops", "integrations"):
         import importlib
 
