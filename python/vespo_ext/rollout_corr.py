@@ -20,15 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-# |log r| is clamped here before exponentiating (veRL's SAFETY_BOUND; the op clamps log W at 20 too).
-SAFETY_BOUND = 20.0
-IS_LEVELS = ("token", "sequence")
-RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
-              "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
-# Short names (the issue's and older veRL's): ratio bounds on the token, the sequence's product
-# and the sequence's geometric mean.
-RS_ALIASES = {"token": "token_k1", "sequence": "seq_sum_k1", "geometric": "seq_mean_k1"}
-
+from ._rollout_spec import IS_LEVELS, SAFETY_BOUND, parse_is_threshold, parse_rs
 
 class RolloutCorrection(NamedTuple):
     """What `rollout_correction` returns.
@@ -102,73 +94,6 @@ def _seg_max(x: torch.Tensor, seq: _Seq, fill: float) -> torch.Tensor:
     return out.scatter_reduce(0, seq.ids, x, "amax")  # max is order-independent: deterministic
 
 
-def _parse_is_threshold(spec) -> tuple[float, Optional[float]]:
-    """TIS: one upper bound; IcePop: "lower_upper" (weights outside the band become 0)."""
-    if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
-        raise TypeError(f"rollout_is_threshold must be a number or a 'lower_upper' string, got {spec!r}")
-    lower = None
-    if isinstance(spec, str):
-        parts = spec.strip().split("_")
-        try:
-            vals = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"rollout_is_threshold must be a number or 'lower_upper', got {spec!r}") from None
-        if len(vals) not in (1, 2):
-            raise ValueError(f"rollout_is_threshold must be a number or 'lower_upper', got {spec!r}")
-        upper, lower = (vals[0], None) if len(vals) == 1 else (vals[1], vals[0])
-    else:
-        upper = float(spec)
-    if not (math.isfinite(upper) and upper > 0):
-        raise ValueError(f"rollout_is_threshold's upper bound must be finite and > 0, got {spec!r}")
-    if lower is not None and not (0 < lower <= upper):
-        raise ValueError(f"rollout_is_threshold's lower bound must be in (0, upper], got {spec!r}")
-    return upper, lower
-
-
-def _parse_rs(rollout_rs, threshold, threshold_lower) -> list[tuple[str, Optional[float], float]]:
-    """[(option, lower, upper)]: k1 options bound the ratio to [lower, upper]; k2/k3 bound the
-    divergence from above."""
-    if not isinstance(rollout_rs, str) or not rollout_rs.strip():
-        raise ValueError(f"rollout_rs must be a non-empty string such as 'token_k1', got {rollout_rs!r}")
-    opts = []
-    for o in (s.strip() for s in rollout_rs.split(",")):
-        o = RS_ALIASES.get(o, o)
-        if o not in RS_OPTIONS:
-            raise ValueError(f"rollout_rs option {o!r} is not one of {RS_OPTIONS + tuple(RS_ALIASES)}")
-        if o not in opts:
-            opts.append(o)
-    if threshold is None:
-        raise ValueError("rollout_rs_threshold is required when rollout_rs is set")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, str)):
-        raise TypeError(f"rollout_rs_threshold must be a number or a string, got {threshold!r}")
-    specs = [s.strip() for s in str(threshold).split(",")] if isinstance(threshold, str) else [threshold]
-    if len(specs) == 1:
-        specs = specs * len(opts)
-    if len(specs) != len(opts):
-        raise ValueError(f"rollout_rs_threshold has {len(specs)} entries for {len(opts)} rollout_rs options "
-                         f"(give one shared threshold or one per option)")
-    out = []
-    for o, s in zip(opts, specs):
-        parts = str(s).split("_")
-        try:
-            vals = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"rollout_rs_threshold entry {s!r} (for {o}) is not a number or 'lower_upper'") from None
-        if len(vals) > 2 or any(not (math.isfinite(v) and v > 0) for v in vals):
-            raise ValueError(f"rollout_rs_threshold entry {s!r} (for {o}) must be positive: 'upper' or 'lower_upper'")
-        upper = vals[-1]
-        if o.endswith("k1"):
-            lower = vals[0] if len(vals) == 2 else (threshold_lower if threshold_lower is not None else 1.0 / upper)
-            if not (0 < lower <= upper):
-                raise ValueError(f"rollout_rs_threshold_lower must be in (0, {upper}] for {o}, got {lower}")
-        else:
-            if len(vals) == 2:
-                raise ValueError(f"{o} takes one upper bound, got {s!r}")
-            lower = None
-        out.append((o, lower, upper))
-    return out
-
-
 def _mean(x, m, n):
     return torch.where(m, x, torch.zeros_like(x)).sum() / n
 
@@ -177,7 +102,8 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
                        cu_seqlens: Optional[torch.Tensor] = None, rollout_is: Optional[str] = None,
                        rollout_is_threshold=2.0, rollout_is_batch_normalize: bool = False,
                        rollout_rs: Optional[str] = None, rollout_rs_threshold=None,
-                       rollout_rs_threshold_lower: Optional[float] = None, group=None) -> RolloutCorrection:
+                       rollout_rs_threshold_lower: Optional[float] = None, dist_reduce: bool = True,
+                       group=None) -> RolloutCorrection:
     """IS weights, rejection mask and metrics from the learner's and the engine's log-probs.
 
     rollout_is: None | "token" | "sequence" — w_t = min(r_t, threshold) per token, or the sequence's
@@ -185,7 +111,7 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
         `rollout_is_threshold="lower_upper"` zeroes weights outside the band instead (IcePop).
     rollout_is_batch_normalize: divide the weights by their mean (over counted tokens for "token",
         over non-empty sequences for "sequence"; across the data-parallel `group` when
-        torch.distributed is initialised).
+        torch.distributed is initialised and `dist_reduce`, as veRL does: each rank holds a shard).
     rollout_rs: None, or comma-separated options (veRL's): token_k1 / seq_sum_k1 / seq_mean_k1 keep
         tokens (sequences) whose ratio r_t (Π r_t, geometric mean of r_t) lies in [lower, upper];
         *_k2 (½ log² r) and *_k3 (r − 1 − log r) keep those whose divergence (token, sequence sum,
@@ -219,8 +145,8 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
     mask = mask.to(device=old_logp.device) != 0
     if rollout_is is not None and rollout_is not in IS_LEVELS:
         raise ValueError(f"rollout_is must be None, 'token' or 'sequence', got {rollout_is!r}")
-    is_upper, is_lower = _parse_is_threshold(rollout_is_threshold) if rollout_is is not None else (None, None)
-    rs = _parse_rs(rollout_rs, rollout_rs_threshold, rollout_rs_threshold_lower) if rollout_rs is not None else []
+    is_upper, is_lower = parse_is_threshold(rollout_is_threshold) if rollout_is is not None else (None, None)
+    rs = parse_rs(rollout_rs, rollout_rs_threshold, rollout_rs_threshold_lower) if rollout_rs is not None else []
 
     shape = old_logp.shape
     seq, m = _segments(mask, cu_seqlens)
@@ -265,7 +191,7 @@ def rollout_correction(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
         # Effective sample size over the counted tokens' weights, normalised to (0, 1]: (E w)^2 / E w^2.
         metrics["ess"] = torch.where(w2 > 0, w_mean * w_mean / w2, torch.zeros_like(w2))
         if rollout_is_batch_normalize:
-            weights = weights / _batch_mean(weights, m, seq, seq_ok, rollout_is, group)
+            weights = weights / _batch_mean(weights, m, seq, seq_ok, rollout_is, group if dist_reduce else False)
     rs_keep = torch.ones_like(m)
     for opt, lower, upper in rs:
         rs_keep &= _rs_keep(opt, lower, upper, lr, lr_c, m, seq, seq_len)
@@ -307,7 +233,7 @@ def _batch_mean(weights, m, seq, seq_ok, level, group):
     else:
         seq_w = _seg_sum(torch.where(m, weights, torch.zeros_like(weights)), seq) / _seg_sum(m, seq).clamp(min=1)
         s, n = torch.where(seq_ok, seq_w, torch.zeros_like(seq_w)).sum(), seq_ok.sum().double()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if group is not False and torch.distributed.is_available() and torch.distributed.is_initialized():
         both = torch.stack([s, n])
         torch.distributed.all_reduce(both, group=group)
         s, n = both[0], both[1]

@@ -33,7 +33,10 @@ def _cfg(tmp_path, stage: int, world: int):
     # TIS: old log-probs recomputed by the learner, so the mismatch metrics are merged too
     return load_tiny(tmp_path, "trainer.device=cpu", f"actor.zero_stage={stage}", f"actor.num_workers={world}",
                      "actor.num_cpus=0.5", "actor.ppo_mini_batch_size=2", "actor.micro_batch_size=2",
-                     "actor.zero3_persist_numel=0", "algorithm.tis=true", "actor.lr=0.01")
+                     "actor.zero3_persist_numel=0", "algorithm.tis=true", "actor.lr=0.01",
+                     # token rejection too: the kept mask (and so the normaliser) is the same on 1 and 2 ranks
+                     "algorithm.rollout_correction.rollout_rs=token_k1",
+                     "algorithm.rollout_correction.rollout_rs_threshold=0.2_5.0")
 
 
 def _batch(cfg, seed: int) -> dict:

@@ -38,7 +38,13 @@ def plan_text(cfg) -> str:
     micro = cfg.actor.micro_batch_size or mb * n // lw
     alg = cfg.algorithm
     params = ", ".join(f"{k}={v}" for k, v in alg.loss_params.items()) or "defaults"
-    old = "recomputed by the learner" if (alg.behaviour_logp == "recompute" or alg.tis) else "from the rollout engine"
+    old = "recomputed by the learner" if alg.recompute_old_logp else "from the rollout engine"
+    rcc = alg.rollout_correction
+    corr = "; rollout correction: " + ", ".join(
+        ([f"IS {rcc.rollout_is} (threshold {rcc.rollout_is_threshold}"
+          + (", batch-normalised)" if rcc.rollout_is_batch_normalize else ")")] if rcc.rollout_is else [])
+        + ([f"rejection {rcc.rollout_rs} (threshold {rcc.rollout_rs_threshold})"] if rcc.rollout_rs else [])
+    ) if rcc.active else ("; rollout correction: metrics only" if alg.recompute_old_logp else "")
     addr = ray_address(cfg)
     if cfg.trainer.mode == "async":
         ac, S = cfg.async_, cfg.async_.trigger_parameter_sync_step * cfg.async_step_groups
@@ -72,7 +78,7 @@ def plan_text(cfg) -> str:
         + (f" of {len(cfg.data.train_files)} file(s)), reward {cfg.reward.function or 'math'}"
            if cfg.task.name == "dataset" else f"), format warm-up {cfg.task.warmup_steps} steps"),
         f"  loss          {alg.loss} ({params}; agg {alg.agg or 'default'}); group advantages; old_logp {old}"
-        + (f"; TIS cap {alg.tis_cap}" if alg.tis else ""),
+        + corr,
         (f"  model         {cfg.model.path} (transformers, local files)" if cfg.model.path else
          f"  model         {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size} hidden, "
          f"built in-process (seed {cfg.trainer.seed})"),

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vespo_ext import AGGS, LOSSES, check_loss  # the library's own names and checks (torch-free)
+from vespo_ext import AGGS, LOSSES, ROLLOUT_CORRECTION_PRESETS, check_loss, check_rollout_correction  # torch-free
 
 from .errors import ConfigError
 
@@ -131,6 +131,53 @@ class DataConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """algorithm.rollout_correction: veRL's keys (docs/rollout_correction.md)."""
+    preset: Optional[str] = _f(None, "a named combination that sets the keys below (which must then stay at their "
+                                     "defaults): " + ", ".join(ROLLOUT_CORRECTION_PRESETS))
+    rollout_is: Optional[str] = _f(None, "importance weights w = pi_old / mu (learner / rollout engine): null, token "
+                                         "or sequence; for vespo they enter log W")
+    rollout_is_threshold: Any = _f(2.0, "upper truncation of the IS weights, or 'lower_upper' (IcePop: weights "
+                                        "outside the band become 0)")
+    rollout_is_batch_normalize: bool = _f(False, "divide the IS weights by their mean over the batch")
+    rollout_rs: Optional[str] = _f(None, "rejection (masks tokens / sequences out of the loss), comma-separated: "
+                                         "token_k1, seq_sum_k1, seq_mean_k1 (ratio bounds; aliases token, sequence, "
+                                         "geometric), token|seq_sum|seq_mean|seq_max _k2|_k3 (divergence bounds)")
+    rollout_rs_threshold: Any = _f(None, "rejection bounds: 'lower_upper' or an upper bound for *_k1, an upper bound "
+                                         "for *_k2/_k3; one for all options or one per option, comma-separated")
+    rollout_rs_threshold_lower: Optional[float] = _f(None, "lower ratio bound of *_k1 options given one number "
+                                                           "(default 1 / rollout_rs_threshold)")
+    bypass_mode: Optional[bool] = _f(None, "true: the rollout engine's log-probs are old_logp (no recompute; no "
+                                           "correction possible); false: the learner recomputes old_logp; null: "
+                                           "false when a correction is on or algorithm.behaviour_logp=recompute")
+
+    def __post_init__(self):
+        if self.preset is not None:
+            _one_of(self.preset, "algorithm.rollout_correction.preset", tuple(ROLLOUT_CORRECTION_PRESETS))
+            defaults = RolloutCorrectionConfig.__dataclass_fields__
+            for key, value in ROLLOUT_CORRECTION_PRESETS[self.preset].items():
+                mine = getattr(self, key)
+                _check(mine == defaults[key].default or mine == value, f"algorithm.rollout_correction.{key}",
+                       f"is set by preset {self.preset!r} (to {value!r}); drop one of the two (got {mine!r})")
+                setattr(self, key, value)
+            self.preset = None  # expanded: the saved config.yaml holds the keys it set
+        try:
+            check_rollout_correction(self.rollout_is, self.rollout_is_threshold, self.rollout_rs,
+                                     self.rollout_rs_threshold, self.rollout_rs_threshold_lower)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"algorithm.rollout_correction: {exc}") from None
+
+    @property
+    def active(self) -> bool:
+        return self.rollout_is is not None or self.rollout_rs is not None
+
+    def kwargs(self) -> dict:
+        """The arguments of vespo_ext.rollout_correction."""
+        return {k: getattr(self, k) for k in ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize",
+                                              "rollout_rs", "rollout_rs_threshold", "rollout_rs_threshold_lower")}
+
+
+@dataclass
 class AlgorithmConfig:
     loss: str = _f("vespo", "policy loss of vespo_ext.policy_loss: " + ", ".join(LOSSES))
     agg: Optional[str] = _f(None, "loss aggregation (null: the loss's default): " + ", ".join(AGGS))
@@ -140,9 +187,10 @@ class AlgorithmConfig:
     norm_adv_by_std: bool = _f(True, "divide the group advantage by the group's reward std")
     behaviour_logp: str = _f("rollout", "old_logp for the loss: 'rollout' (log-probs the rollout engine sampled "
                                         "with) or 'recompute' (the learner recomputes them before its first update)")
-    tis: bool = _f(False, "truncated importance sampling: old_logp recomputed by the learner and per-token weights "
-                          "min(exp(recomputed - rollout), tis_cap) correct the train/inference mismatch")
-    tis_cap: float = _f(2.0, "upper clip of the TIS weights")
+    tis: bool = _f(False, "truncated importance sampling, kept for older configs: the same as "
+                          "rollout_correction.rollout_is=token with rollout_is_threshold=tis_cap")
+    tis_cap: float = _f(2.0, "upper clip of the TIS weights (algorithm.tis)")
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def __post_init__(self):
         _one_of(self.loss, "algorithm.loss", LOSSES)
@@ -155,6 +203,23 @@ class AlgorithmConfig:
             check_loss(self.loss, self.agg, **dict(self.loss_params))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"algorithm.loss_params: {exc}") from None
+        rc = self.rollout_correction
+        if self.tis:  # the older key: token-level truncated IS
+            _check(rc.rollout_is in (None, "token") and (rc.rollout_is is None or rc.rollout_is_threshold == self.tis_cap),
+                   "algorithm.tis", "and algorithm.rollout_correction.rollout_is set different IS weights: use one")
+            rc.rollout_is, rc.rollout_is_threshold = "token", self.tis_cap
+        _check(not (rc.bypass_mode and (rc.active or self.behaviour_logp == "recompute")),
+               "algorithm.rollout_correction.bypass_mode",
+               "true uses the engine's log-probs as old_logp (the ratio is then 1): a rollout correction or "
+               "behaviour_logp=recompute needs bypass_mode=false")
+
+    @property
+    def recompute_old_logp(self) -> bool:
+        """Whether the learner recomputes old_logp (decoupled mode) before its first update."""
+        rc = self.rollout_correction
+        if rc.bypass_mode is not None:
+            return not rc.bypass_mode
+        return rc.active or self.behaviour_logp == "recompute"
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import List, Optional
 import torch
 
 import vespo_ext
+from vespo_ext.rollout_corr import rollout_correction
 
 from ..batch import Batch, select_rows
 from ..errors import CheckpointError
@@ -137,6 +138,26 @@ class Learner:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
+    def _rank_rows(self, rank: int, n_mb: int, mb: int) -> torch.Tensor:
+        """The batch rows rank `rank` trains: its contiguous share of each of the n_mb mini-batches."""
+        if mb % self.world:
+            raise ValueError(f"{mb} rows do not split evenly over {self.world} learner ranks")
+        per = mb // self.world
+        return torch.cat([torch.arange(k * mb + rank * per, k * mb + (rank + 1) * per) for k in range(n_mb)])
+
+    def _gather_rows(self, local: torch.Tensor, n_mb: int, mb: int) -> torch.Tensor:
+        """The whole batch of a per-row tensor of which each rank holds its own rows (all-gather)."""
+        if self.world == 1:
+            return local
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local.contiguous())
+        full = local.new_empty((n_mb * mb,) + tuple(local.shape[1:]))
+        for r, part in enumerate(parts):
+            full[self._rank_rows(r, n_mb, mb)] = part
+        return full
+
     def _shard(self, n: int) -> range:
         """This rank's contiguous share of n rows (n must split evenly: ZeRO-3 ranks must run the same
         number of forward passes, since every forward gathers the parameters collectively)."""
@@ -203,23 +224,30 @@ class Learner:
         if B % self.mb_samples:
             raise ValueError(f"a batch of {B} responses is not a whole number of mini-batches of {self.mb_samples}")
         n_mb, mb, per = B // self.mb_samples, self.mb_samples, self.per_rank
-        # the global normaliser of every mini-batch, from its full mask (all ranks' rows)
-        norms = [self._norm(batch["response_mask"][k * mb:(k + 1) * mb]) for k in range(n_mb)]
+        full = batch
         # this rank's rows: a contiguous 1/W of each mini-batch; local mini-batch k = local rows k*per..(k+1)*per
-        shard = self._shard(mb)
-        mine = torch.cat([torch.arange(k * mb + shard.start, k * mb + shard.stop) for k in range(n_mb)])
+        mine = self._rank_rows(self.rank, n_mb, mb)
         batch = select_rows(batch, mine)
         mask = batch["response_mask"]
         rollout_logp = batch["old_logp"]
-        old_logp, is_w, mismatch = rollout_logp, None, None
-        if alg.tis or alg.behaviour_logp == "recompute":
+        old_logp, is_w, mismatch, corr_metrics = rollout_logp, None, None, None
+        full_mask = full["response_mask"]
+        if alg.recompute_old_logp:
             recomputed = self._recompute_logp(batch)
             diff = (recomputed - rollout_logp)[mask]
             mismatch = {"tokens": diff.numel(), "abs_diff_sum": float(diff.abs().sum()),
                         "kl_sum": float((-diff).sum())}
             old_logp = recomputed
-            if alg.tis:
-                is_w = torch.exp(diff.new_zeros(mask.shape).masked_scatter(mask, diff)).clamp(max=alg.tis_cap)
+            # The correction on the WHOLE batch (every rank computes the same): weights, masks, batch
+            # means and metrics do not depend on how the rows are split over ranks.
+            corr = rollout_correction(self._gather_rows(recomputed, n_mb, mb), full["old_logp"], full_mask,
+                                      dist_reduce=False, **alg.rollout_correction.kwargs())
+            w_full, full_mask = corr.for_loss(alg.loss)
+            is_w = None if w_full is None else w_full[mine]
+            mask = full_mask[mine]
+            corr_metrics = {f"rollout_corr/{k}": float(v) for k, v in corr.metrics.items()}
+        # the global normaliser of every mini-batch, from its full mask (all ranks' rows, after rejection)
+        norms = [self._norm(full_mask[k * mb:(k + 1) * mb]) for k in range(n_mb)]
         minibatches = []
         prov = {k: [] for k in ("uid", "prompt_id", "gen_version", "update_version", "minibatch")}
         for k in range(n_mb):
@@ -227,13 +255,13 @@ class Learner:
             stats = []
 
             def pg_loss(c, norm=norms[k], stats=stats):  # this mini-batch's normaliser and statistics
-                loss, met = self.policy_loss(batch, c, old_logp, None if is_w is None else is_w[c], norm, L)
+                loss, met = self.policy_loss(batch, c, old_logp, None if is_w is None else is_w[c], norm, L, mask)
                 stats.append({name: float(v) for name, v in met.items()})
                 return loss
 
             mb_loss = sum(self._accumulate(self._chunks(rows), pg_loss))
             # provenance: the weights that computed this gradient are version self.version
-            gen = self._gen_version(batch["token_version"][rows], mask[rows])
+            gen = self._gen_version(batch["token_version"][rows], batch["response_mask"][rows])
             prov["uid"] += batch["uid"][rows].tolist()
             prov["prompt_id"] += batch["prompt_id"][rows].tolist()
             prov["gen_version"] += gen.tolist()
@@ -243,17 +271,19 @@ class Learner:
             gn = self.engine.get_global_grad_norm()
             minibatches.append({"loss": mb_loss, "grad_norm": None if gn is None else float(gn),
                                 "stats": merge_loss_metrics(stats)})
-        parts = {"minibatches": minibatches, "mismatch": mismatch, "version": self.version,
+        parts = {"minibatches": minibatches, "mismatch": mismatch, "rollout_corr": corr_metrics,
+                 "version": self.version,
                  "lr": float(self.engine.get_lr()[0]), "seconds": time.perf_counter() - t0}
         return {"metrics": finish_train_metrics([parts]), "provenance": prov, "parts": parts}
 
-    def policy_loss(self, batch: Batch, rows, old_logp, is_w, norm: Optional[float], L: int):
-        """THE policy-loss call: vespo_ext.policy_loss on the micro-batch `rows` -> (loss, metrics)."""
+    def policy_loss(self, batch: Batch, rows, old_logp, is_w, norm: Optional[float], L: int, mask):
+        """THE policy-loss call: vespo_ext.policy_loss on the micro-batch `rows` -> (loss, metrics).
+        `mask`: the response mask less the tokens the rollout correction rejected."""
         alg, d = self.cfg.algorithm, self.device
         logits = self._response_logits(batch["input_ids"][rows].to(d), batch["attention_mask"][rows].to(d), L)
         return vespo_ext.policy_loss(
             logits, batch["responses"][rows].to(d), old_logp[rows].to(d), batch["advantages"][rows].to(d),
-            batch["response_mask"][rows].to(d), loss=alg.loss, agg=alg.agg, norm=norm,
+            mask[rows].to(d), loss=alg.loss, agg=alg.agg, norm=norm,
             rollout_is_weights=None if is_w is None else is_w.to(d),
             temperature=self.cfg.rollout.temperature, return_metrics=True, **dict(alg.loss_params))
 
