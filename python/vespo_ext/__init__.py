@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 __all__ = ["vespo_loss", "policy_loss", "policy_loss_from_logp", "token_logprobs", "rollout_correction", "has_kernels", "check_loss", "check_rollout_correction", "ROLLOUT_CORRECTION_PRESETS", "reference", "dlpack_api", "METRIC_NAMES", "LOSSES", "AGGS"]
 
 from ._backend import has_kernels  # noqa: E402  (no torch import)
-from ._spec import AGGS, LOSSES, METRIC_NAMES  # noqa: E402  (no torch import)
 from ._rollout_spec import PRESETS as ROLLOUT_CORRECTION_PRESETS  # noqa: E402  (no torch import)
+from ._spec import AGGS, LOSSES, METRIC_NAMES  # noqa: E402  (no torch import)
 
 
 def check_loss(loss: str, agg=None, **params):

@@ -22,6 +22,7 @@ import torch
 
 from ._rollout_spec import IS_LEVELS, SAFETY_BOUND, parse_is_threshold, parse_rs
 
+
 class RolloutCorrection(NamedTuple):
     """What `rollout_correction` returns.
 

@@ -205,8 +205,9 @@ class AlgorithmConfig:
             raise ConfigError(f"algorithm.loss_params: {exc}") from None
         rc = self.rollout_correction
         if self.tis:  # the older key: token-level truncated IS
-            _check(rc.rollout_is in (None, "token") and (rc.rollout_is is None or rc.rollout_is_threshold == self.tis_cap),
-                   "algorithm.tis", "and algorithm.rollout_correction.rollout_is set different IS weights: use one")
+            same = rc.rollout_is is None or (rc.rollout_is == "token" and rc.rollout_is_threshold == self.tis_cap)
+            _check(same, "algorithm.tis",
+                   "and algorithm.rollout_correction.rollout_is set different IS weights: use one")
             rc.rollout_is, rc.rollout_is_threshold = "token", self.tis_cap
         _check(not (rc.bypass_mode and (rc.active or self.behaviour_logp == "recompute")),
                "algorithm.rollout_correction.bypass_mode",
