@@ -43,7 +43,7 @@ SETTINGS = {
 def run_one(name, overrides, samples, out_dir):
     from vespo_trainer.config import load_config
     from vespo_trainer.metrics_log import read_metrics
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     probe = load_config(None, overrides)
     per_step = (probe.async_step_groups if probe.trainer.mode == "async" else probe.data.train_batch_size) * \

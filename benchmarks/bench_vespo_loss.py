@@ -8,7 +8,7 @@ Liger-Kernel's Triton GRPO/VESPO loss. One run, same inputs, same thread count, 
                  cloned before every iteration, OUTSIDE the timed region (the clone is not timed)
   eager          the fastest plain-PyTorch version we could write: per-token log-probs in fp32 by
                  -cross_entropy(reduction="none") or log_softmax+gather (both are timed at start-up
-                 and the faster is kept), then the SPEC.md sequence math (index_add, detached phi)
+                 and the faster is kept), then the docs/spec.md sequence math (index_add, detached phi)
   compiled       torch.compile(eager), default inductor
   liger*         (CUDA only) liger_kernel.transformers.grpo_loss.triton_grpo_loss, which also takes
                  logits (padded (B, L+1, V)) and fuses log-softmax + loss + grad in Triton; new grad
@@ -86,8 +86,8 @@ S, L = args.seqs, T // args.seqs
 torch.set_num_threads(args.threads)  # eager, compiled and fused (the fused op reads torch.get_num_threads())
 tau = args.temperature
 MB = 1e6  # memory is reported in MB = 10^6 bytes
-K_POS, LAM_POS, K_NEG, LAM_NEG = 2.0, 3.0, 3.0, 2.0  # SPEC.md defaults, also the fused op's
-EPS, CLIP_C = 0.2, 3.0  # GRPO defaults (SPEC.md)
+K_POS, LAM_POS, K_NEG, LAM_NEG = 2.0, 3.0, 3.0, 2.0  # docs/spec.md defaults, also the fused op's
+EPS, CLIP_C = 0.2, 3.0  # GRPO defaults (docs/spec.md)
 worker = args.mem_worker is not None
 
 
@@ -246,7 +246,7 @@ def fused_fn(loss, grad_inplace):
 
 
 def make_eager(loss, logp_impl, n_seq):
-    """Plain PyTorch: fp32 per-token log-probs, then SPEC.md's math on (T,) tensors, token-mean."""
+    """Plain PyTorch: fp32 per-token log-probs, then docs/spec.md's math on (T,) tensors, token-mean."""
     def fn(x, labels, old_logp, adv, mask, seq_id):
         z = x.float()  # no copy for fp32 logits
         if tau != 1.0:

@@ -4,10 +4,10 @@
 #   bash benchmarks/run_gpu.sh          # from anywhere; runs in the repository root
 #
 #   1. pip install --no-build-isolation --no-deps .   (CUDA module for this GPU's architecture only)
-#   2. benchmarks/cuda_smoke.py, then python -m pytest tests --ignore=tests/trainer -m "not slow"
+#   2. tests/cuda_smoke.py, then python -m pytest tests --ignore=tests/trainer -m "not slow"
 #      (pytest-xdist, 12 workers, when installed; PYTEST_ARGS adds arguments, e.g. PYTEST_ARGS="-k cuda")
 #   3. python benchmarks/bench_vespo_loss.py --device cuda --json benchmarks/results/<gpu>.json
-#   4. compute-sanitizer memcheck on benchmarks/cuda_smoke.py (all shapes, incl. V=151937), and
+#   4. compute-sanitizer memcheck on tests/cuda_smoke.py (all shapes, incl. V=151937), and
 #      racecheck on its --quick shapes
 #
 # A failing step does not stop the later ones; the exit code is non-zero if any failed. Each step has
@@ -63,7 +63,7 @@ assert b.has_kernels(torch.device('cuda')); print('vespo_ext._cuda loaded:', ves
 # 2. A first look (seconds): the smoke test without the sanitizer, then the kernel test suite
 #    (CPU and CUDA tests under this image's torch; the trainer's tests need Ray and skip here),
 #    spread over the cores with pytest-xdist when it is installed.
-step smoke 60 $PY benchmarks/cuda_smoke.py
+step smoke 60 $PY tests/cuda_smoke.py
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
 # shellcheck disable=SC2086
 [ -n "${SKIP_TESTS:-}" ] || step tests 180 $PY -m pytest tests --ignore=tests/trainer -q -m "not slow" \
@@ -83,9 +83,9 @@ if [ -n "${SKIP_SANITIZER:-}" ]; then
   echo "sanitizer: skipped (SKIP_SANITIZER)" | tee -a "$LOG"
 elif command -v compute-sanitizer >/dev/null; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    --target-processes all $PY benchmarks/cuda_smoke.py
+    --target-processes all $PY tests/cuda_smoke.py
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
-    --target-processes all $PY benchmarks/cuda_smoke.py --quick
+    --target-processes all $PY tests/cuda_smoke.py --quick
 else
   echo "compute-sanitizer not found: no memcheck/racecheck (the smoke test ran plainly in step 2)" | tee -a "$LOG"
 fi

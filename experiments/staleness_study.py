@@ -47,7 +47,7 @@ OPT_STEPS = 4096     # optimizer steps per run, every setting (a multiple of max
 # Every run: bf16 rollout (train/inference mismatch) and run-directory housekeeping.
 COMMON = ["rollout.dtype=bf16", "trainer.progress=plain", "trainer.tensorboard=false",
           "trainer.provenance=false", "trainer.keep_checkpoints=1", "ray.num_cpus=2"]
-# The paper's fully asynchronous setting (SPEC.md "Staleness").
+# The paper's fully asynchronous setting (docs/spec.md "Staleness").
 ASYNC = ["trainer.mode=async", "async.trigger_parameter_sync_step=4", "async.staleness_threshold=1",
          "async.partial_rollout=true"]
 # The smoke (--smoke, the test): the tiny model of examples/configs/tiny.yaml, a few steps.

@@ -2,7 +2,7 @@
 
 * `import vespo_ext` (and `vespo_ext.integrations`) must not import veRL or TRL.
 * The veRL adapter's functions are plain callables: they are checked here against an independent
-  float64 transcription of SPEC.md's per-token losses, aggregated the way veRL 0.9's `agg_loss`
+  float64 transcription of docs/spec.md's per-token losses, aggregated the way veRL 0.9's `agg_loss`
   aggregates (global token / sequence counts for data parallelism included). tests/test_peers.py
   compares the same functions with veRL's and TRL's own code when those are installed.
 
@@ -30,7 +30,7 @@ SAPO_FP64_RTOL = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC.md per-token losses (float64, padded (B, L)) and veRL 0.9's aggregation, written from the
+# docs/spec.md per-token losses (float64, padded (B, L)) and veRL 0.9's aggregation, written from the
 # math, not from any framework's code.
 def _first_counted(x, mask):
     """x at the first counted position of each row (0 for an empty row)."""
@@ -44,7 +44,7 @@ def _t(x, like):
 
 
 def spec_per_token(loss, logp, old, adv, mask, isw=None, **p):
-    """SPEC.md's per-token loss L_t (B, L); differentiable in logp where SPEC says so."""
+    """docs/spec.md's per-token loss L_t (B, L); differentiable in logp where docs/spec.md says so."""
     m = mask.bool()
     z = torch.zeros((), dtype=logp.dtype)
     adv = adv.expand_as(logp) if adv.dim() == 2 else adv.unsqueeze(1).expand_as(logp)

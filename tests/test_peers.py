@@ -8,7 +8,7 @@ without them, so the default suite does not need them):
   with and without rollout IS weights and data-parallel global counts.
 * VESPO: veRL core has no VESPO, and the VESPO recipe's ``compute_policy_loss_vespo`` (github
   FloyedShen/VESPO, recipe/vespo/code/core_algos.py) is not installable, so ``vespo_fused`` is
-  compared with SPEC.md's math (tests/test_integrations.py: ``spec_per_token``) aggregated by
+  compared with docs/spec.md's math (tests/test_integrations.py: ``spec_per_token``) aggregated by
   veRL's own ``agg_loss``, and its weight phi with TRL's VESPO (``GRPOTrainer.get_gamma_weights``,
   an independent implementation of the same recipe).
 * TRL (1.16.0): ``GRPOTrainer._compute_loss`` versus ``FusedGRPOTrainer._compute_loss`` on a
@@ -21,13 +21,13 @@ Deliberate differences (each has a test that shows it on inputs where the two mu
 the comparisons above use inputs where both must agree):
 
 1. TRL's VESPO (k, lambda) follows the sign of each advantage *entry*; ours the sign of the
-   sequence's advantage (its first counted token, SPEC.md: phi is a per-sequence coefficient).
+   sequence's advantage (its first counted token, docs/spec.md: phi is a per-sequence coefficient).
    Equal for outcome advantages broadcast over a sequence (GRPO), different for per-token
    advantages whose sign changes inside a sequence. (SAPO's temperature follows each token's own
    advantage sign in ours as in veRL and TRL: test_sapo_per_token_advantage_sign_matches_verl.)
 2. An all-masked batch: ours 0 with zero gradient; veRL's token-mean 0/0 = NaN.
 3. veRL 0.9's ``seq-mean-token-sum-norm`` is a seq-mean divided by the horizon; the op's
-   aggregation of that name (SPEC.md, older veRL) divides the plain sum by the horizon. The veRL
+   aggregation of that name (docs/spec.md, older veRL) divides the plain sum by the horizon. The veRL
    adapter passes the normaliser that reproduces the installed veRL.
 4. The SAPO gate divides by ``tau + 1e-8`` in our op (veRL / TRL: ``tau``): 1e-8 relative.
 5. ``actor/ppo_kl`` (ours) does not clamp the token log-ratio at ±20 (veRL does): metric only.

@@ -1,4 +1,4 @@
-"""The reference itself: against an independent loop-per-sequence statement of SPEC.md, and gradcheck."""
+"""The reference itself: against an independent loop-per-sequence statement of docs/spec.md, and gradcheck."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ from conftest import check_vs_reference, make_padded, run_ref
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent, loop-per-sequence statement of SPEC.md (padded layout) to check the reference itself.
+# An independent, loop-per-sequence statement of docs/spec.md (padded layout) to check the reference itself.
 def spec_vespo(logits, labels, old, adv, mask, isw=None, tau=1.0, k_pos=2.0, lambda_pos=3.0, k_neg=3.0,
                lambda_neg=2.0, agg="token-mean", norm=None):
     B, L, V = logits.shape

@@ -13,7 +13,7 @@ import sys
 from fractions import Fraction
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "trainer"))
-from vespo_trainer.data import INSTRUCTION, qa_to_verl_row, write_parquet  # noqa: E402
+from vespo_trainer.data.verl import INSTRUCTION, qa_to_verl_row, write_parquet  # noqa: E402
 
 
 def latex(q: Fraction) -> str:

@@ -1,12 +1,10 @@
 """The readable pure-torch version of every op: the test oracle, the documentation, and the
 fallback on devices the kernels do not cover. Same signatures as the fused ops.
 
-The math is SPEC.md's (VESPO, arXiv 2602.10693). Computation happens in float32, or in float64
+The math is docs/spec.md's (VESPO, arXiv 2602.10693). Computation happens in float32, or in float64
 when the inputs are float64 (the tests' oracle). Gradients come from autograd.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -219,7 +217,7 @@ def policy_loss(logits, labels, old_logp, advantages, mask=None, *, loss="vespo"
 def vespo_loss(logits, labels, old_logp, advantages, mask=None, *, cu_seqlens=None, rollout_is_weights=None,
                temperature=1.0, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0, agg="token-mean", norm=None,
                return_metrics=False, advantages_per=None):
-    """Reference VESPO loss (SPEC.md): -phi(W_i) * A * log pi, aggregated by `agg`."""
+    """Reference VESPO loss (docs/spec.md): -phi(W_i) * A * log pi, aggregated by `agg`."""
     return policy_loss(logits, labels, old_logp, advantages, mask, loss="vespo", cu_seqlens=cu_seqlens,
                        rollout_is_weights=rollout_is_weights, temperature=temperature, agg=agg, norm=norm,
                        return_metrics=return_metrics, advantages_per=advantages_per, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg,

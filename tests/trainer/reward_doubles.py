@@ -49,7 +49,7 @@ def verl_kwargs(solution_str, **kwargs):
 
 def math_then_hang(data_source, solution_str, ground_truth, extra_info=None):
     """Scores with the built-in math reward first (math-verify must not cancel the pool's timer), then hangs."""
-    from vespo_trainer.math_reward import compute_score
+    from vespo_trainer.reward.math_reward import compute_score
 
     score = compute_score(data_source, solution_str, ground_truth, extra_info)
     if "hang" in solution_str:

@@ -12,7 +12,6 @@ import sys
 import time
 
 import torch
-
 from trainer_test_utils import ROOT, TINY, assert_finite_record, load_tiny
 
 ASYNC = ("trainer.mode=async",)
@@ -71,7 +70,7 @@ def _wait_for_steps(proc, run_dir, steps: int, timeout: float = 300) -> None:
 
 def test_async_threshold0_trigger1_is_sync_n1(tmp_path, ray_cluster):
     """staleness_threshold=0, push every step: lag 0 only, and the very same run as sync with N = 1."""
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     common = ("data.train_batch_size=1", "actor.ppo_mini_batch_size=1", "trainer.total_steps=4")
     sync = train(load_tiny(tmp_path / "sync", *common))
@@ -93,7 +92,7 @@ def test_async_threshold0_trigger1_is_sync_n1(tmp_path, ray_cluster):
 
 def test_staleness_window_bounds_the_lag(tmp_path, ray_cluster):
     """threshold 1, push every 2 steps: lags reach 2 x trigger - 1 = 3 and never exceed it; no sample dropped."""
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     run = train(load_tiny(tmp_path / "w", *ASYNC, "trainer.total_steps=8", "data.train_batch_size=2",
                           "actor.ppo_mini_batch_size=2", "async.staleness_threshold=1",
@@ -108,7 +107,7 @@ def test_staleness_window_bounds_the_lag(tmp_path, ray_cluster):
 def test_max_lag_drops_and_counts_older_samples(tmp_path, ray_cluster):
     """async.max_lag=0 with a window that lets the rollout run one step ahead: only lag 0 is trained, the
     rest is dropped and counted (and the run does not stall on the freed window slots)."""
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     run = train(load_tiny(tmp_path / "d", *ASYNC, "trainer.total_steps=6", "data.train_batch_size=1",
                           "actor.ppo_mini_batch_size=1", "async.staleness_threshold=1", "async.max_lag=0"))
@@ -122,11 +121,12 @@ def test_partial_rollout_tags_each_token_with_its_version(ray_cluster):
     """A weight update lands mid-generation: the responses continue under the new weights; each token
     carries the version and the behaviour log-prob of the weights that sampled it."""
     import ray
-    import vespo_ext
 
-    from vespo_trainer.model import build_model
-    from vespo_trainer.rollout import RolloutWorker
-    from vespo_trainer.task import Prompt, make_tokenizer, max_positions
+    import vespo_ext
+    from vespo_trainer.data.prompt import Prompt
+    from vespo_trainer.model import build_model, max_positions
+    from vespo_trainer.rollout.hf import HFRolloutWorker as RolloutWorker
+    from vespo_trainer.tokenizer import make_tokenizer
     from vespo_trainer.weight_sync import pack_bucket
 
     cfg = load_tiny("/tmp/unused", *ASYNC, "async.partial_rollout=true", "rollout.max_new_tokens=200",

@@ -5,7 +5,6 @@ import glob
 import os
 
 import pytest
-
 from trainer_test_utils import ROOT, TINY
 
 from vespo_trainer import cli
@@ -144,3 +143,36 @@ def test_paper_configs_dry_run(path, capsys):
         assert (cfg.async_.trigger_parameter_sync_step, cfg.async_.staleness_threshold) == (4, 1.0)
     else:
         assert cfg.staleness in (8, 16, 32, 64) and f"n{cfg.staleness}" in os.path.basename(path)
+
+
+def test_rollout_correction_presets_expand_to_their_keys():
+    from vespo_ext import ROLLOUT_CORRECTION_PRESETS
+    from vespo_trainer.config import load_config
+
+    for name, keys in ROLLOUT_CORRECTION_PRESETS.items():
+        rc = load_config(None, [f"algorithm.rollout_correction.preset={name}"]).algorithm.rollout_correction
+        assert rc.preset is None  # expanded: config.yaml holds the keys
+        for k, v in keys.items():
+            assert getattr(rc, k) == v, (name, k)
+    # a preset plus a key it sets to something else is refused, naming the key
+    with pytest.raises(ConfigError, match="rollout_correction.rollout_is"):
+        load_config(None, ["algorithm.rollout_correction.preset=decoupled_token_is",
+                           "algorithm.rollout_correction.rollout_is=sequence"])
+
+
+def test_rollout_correction_keys():
+    from vespo_trainer.config import load_config
+
+    tis = load_config(None, ["algorithm.tis=true", "algorithm.tis_cap=3.0"]).algorithm
+    assert tis.recompute_old_logp and tis.rollout_correction.kwargs()["rollout_is"] == "token"
+    assert tis.rollout_correction.rollout_is_threshold == 3.0
+    assert not load_config(None, []).algorithm.recompute_old_logp  # bypass by default, as before
+    assert load_config(None, ["algorithm.behaviour_logp=recompute"]).algorithm.recompute_old_logp
+    assert load_config(None, ["algorithm.rollout_correction.bypass_mode=false"]).algorithm.recompute_old_logp
+    for bad, key in ((["algorithm.rollout_correction.bypass_mode=true", "algorithm.tis=true"], "bypass_mode"),
+                     (["algorithm.tis=true", "algorithm.rollout_correction.rollout_is=sequence"], "algorithm.tis"),
+                     (["algorithm.rollout_correction.rollout_is=seq"], "rollout_is"),
+                     (["algorithm.rollout_correction.rollout_rs=token_k1"], "rollout_rs_threshold"),
+                     (["algorithm.rollout_correction.preset=nope"], "preset")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, bad)

@@ -13,18 +13,23 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("math_verify")
 
 import torch  # noqa: E402
-
 from trainer_test_utils import ROOT, TINY  # noqa: E402
 
 from vespo_trainer import cli  # noqa: E402
 from vespo_trainer.config import ConfigError, load_config  # noqa: E402
-from vespo_trainer.data import DataError, load_dataset_prompts, prepare, read_rows, write_parquet  # noqa: E402
+from vespo_trainer.data.tasks import load_prompts  # noqa: E402
+from vespo_trainer.data.verl import (  # noqa: E402
+    DataError,
+    last_boxed,  # noqa: E402
+    load_dataset_prompts,
+    prepare,
+    read_rows,
+    write_parquet,
+)
 from vespo_trainer.hf_export import make_tiny_hf_dir  # noqa: E402
-from vespo_trainer.data import last_boxed  # noqa: E402
-from vespo_trainer.math_reward import compute_score  # noqa: E402
 from vespo_trainer.model import build_model, load_policy  # noqa: E402
-from vespo_trainer.task import load_prompts, make_tokenizer  # noqa: E402
-from vespo_trainer.tokenizer import PRINTABLE, CharTokenizer, HFTokenizer  # noqa: E402
+from vespo_trainer.reward.math_reward import compute_score  # noqa: E402
+from vespo_trainer.tokenizer import PRINTABLE, CharTokenizer, HFTokenizer, make_tokenizer  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, "examples", "data", "math_sample.parquet")
 MSGS = [{"role": "system", "content": "Be brief."},
@@ -124,7 +129,7 @@ def test_tokenizer_without_chat_template_is_a_clear_error_before_any_actor(tmp_p
                              f"trainer.output_dir={tmp_path / 'run'}"])
     with pytest.raises(ValueError, match=r"model.path: the tokenizer in .* has no chat template"):
         load_prompts(cfg, make_tokenizer(cfg))
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     with pytest.raises(ConfigError, match="no chat template"):
         train(cfg)  # fails in the preflight: no Ray session, no actor
@@ -277,7 +282,7 @@ def test_last_boxed_and_unparsable_truth():
 
 
 def test_unimportable_reward_function_fails_before_any_actor(tmp_path):
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     cfg = load_config(TINY, ["reward.function=no_such_pkg.rewards:score", "trainer.progress=none",
                              f"trainer.output_dir={tmp_path / 'run'}"])

@@ -12,7 +12,6 @@ pytest.importorskip("pyarrow")
 pytest.importorskip("math_verify")
 
 import torch  # noqa: E402
-
 from test_data_models import SAMPLE, tiny_hf_dir  # noqa: E402
 from trainer_test_utils import assert_finite_record, load_tiny  # noqa: E402
 
@@ -32,7 +31,7 @@ def _learner_logits(cfg, run_dir, tag, ids):
     import ray
 
     from vespo_trainer.checkpoint import ckpt_root
-    from vespo_trainer.learner import Learner
+    from vespo_trainer.learner.rank import Learner
 
     learner = ray.remote(Learner).options(num_cpus=0).remote(cfg)
     try:
@@ -45,7 +44,7 @@ def _learner_logits(cfg, run_dir, tag, ids):
 def _check_export(cfg, run_dir, out, prompt):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vespo_trainer.task import make_tokenizer
+    from vespo_trainer.tokenizer import make_tokenizer
 
     assert cli.main(["export", str(run_dir), "--out", str(out), "--tag", "step_000002"]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
@@ -64,7 +63,7 @@ def _check_export(cfg, run_dir, out, prompt):
 
 
 def test_math_sample_with_a_local_hf_model_then_export(tmp_path, ray_cluster):
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     model_dir, _, _ = tiny_hf_dir(tmp_path / "init_model", seed=3)
     cfg = load_tiny(tmp_path / "run", f"model.path={model_dir}", "reward.function=math", "rollout.n=2", *DATASET)
@@ -78,7 +77,8 @@ def test_math_sample_with_a_local_hf_model_then_export(tmp_path, ray_cluster):
         assert r["actor/version"] == 2 * (r["step"] + 1)  # 2 optimizer steps per rollout step
     assert "model.path" not in open(os.path.join(run, "config.yaml")).read()  # (nested YAML)
     assert model_dir in open(os.path.join(run, "config.yaml")).read()
-    from vespo_trainer.task import load_prompts, make_tokenizer
+    from vespo_trainer.data.tasks import load_prompts
+    from vespo_trainer.tokenizer import make_tokenizer
 
     prompt = load_prompts(cfg, make_tokenizer(cfg), log=lambda s: None)[0].chat
     _check_export(cfg, run, tmp_path / "export", prompt)
@@ -88,9 +88,10 @@ def test_math_sample_with_the_builtin_model_then_export(tmp_path, ray_cluster):
     """No model.path: the built-in tiny model with the printable-ASCII character tokenizer; the export
     converts that tokenizer into a Hugging Face one. A dotted-path reward with veRL's signature that a
     random policy often earns, so the exported weights are trained ones."""
+    from vespo_trainer.data.tasks import load_prompts
+    from vespo_trainer.loops.run import train
     from vespo_trainer.model import load_policy
-    from vespo_trainer.sync_loop import train
-    from vespo_trainer.task import load_prompts, make_tokenizer
+    from vespo_trainer.tokenizer import make_tokenizer
 
     cfg = load_tiny(tmp_path / "run", *DATASET, "rollout.n=4", "reward.function=reward_doubles:has_digit",
                     "actor.zero_stage=3")  # export gathers the ZeRO-3 shards (the other test: ZeRO-1)

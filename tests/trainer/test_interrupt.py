@@ -61,7 +61,7 @@ def test_second_ctrl_c_stops_at_once(capsys, monkeypatch):
     import pytest
 
     from vespo_trainer import cli
-    from vespo_trainer.interrupt import GracefulInterrupt
+    from vespo_trainer.loops.interrupt import GracefulInterrupt
 
     # Start from Python's default handler whatever this process inherited (under nohup or as a
     # background job of a non-interactive shell, SIGINT arrives ignored).
@@ -82,6 +82,6 @@ def test_second_ctrl_c_stops_at_once(capsys, monkeypatch):
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("vespo_trainer.sync_loop.train", interrupted)
+    monkeypatch.setattr("vespo_trainer.loops.run.train", interrupted)
     assert cli.main(["train", "trainer.output_dir=/tmp/unused-run"]) == 130
     assert "stopped at once" in capsys.readouterr().err

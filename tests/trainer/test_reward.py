@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from vespo_trainer.reward import RewardPool, RewardWorker
-from vespo_trainer.task import arith_reward
+from vespo_trainer.data.arith import arith_reward
+from vespo_trainer.reward.pool import RewardPool, RewardWorker
 
 
 @pytest.fixture
@@ -71,7 +71,6 @@ def test_unknown_reward_function_fails_early():
 def test_model_output_is_never_executed(tmp_path, ray_cluster):
     """Responses that would create a file if eval'd/exec'd score 0 and create nothing (through the Ray actor)."""
     import ray
-
     from trainer_test_utils import load_tiny
 
     marker = tmp_path / "pwned"
@@ -119,8 +118,8 @@ def test_math_reward_keeps_the_pool_timer(pools):
 
 def test_builtin_reward_names_resolve():
     from vespo_trainer.config import load_config
-    from vespo_trainer.reward import resolve_fn, reward_spec
-    from vespo_trainer.math_reward import compute_score
+    from vespo_trainer.reward.math_reward import compute_score
+    from vespo_trainer.reward.pool import resolve_fn, reward_spec
 
     assert resolve_fn("arith") is arith_reward and resolve_fn("math") is compute_score
     assert reward_spec(load_config()) == "arith"

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from trainer_test_utils import ROOT
 
 SCRIPT = os.path.join(ROOT, "experiments", "staleness_study.py")
@@ -53,7 +52,7 @@ def test_task_answer_sum():
     import random
 
     from vespo_trainer.config import ConfigError, load_config
-    from vespo_trainer.task import arith_prompts, arith_reward, task_prompts, warmup_max_answer, warmup_texts
+    from vespo_trainer.data.arith import arith_prompts, arith_reward, task_prompts, warmup_max_answer, warmup_texts
 
     cfg = load_config(None, ["task.answer=sum"])
     ps = task_prompts(cfg.task)

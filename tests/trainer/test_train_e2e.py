@@ -77,7 +77,7 @@ def test_vespo_train_cli_end_to_end(tmp_path, ray_cluster):
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, ray_cluster):
-    from vespo_trainer.sync_loop import resolve_run_dir
+    from vespo_trainer.loops.common import resolve_run_dir
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     import pytest
@@ -97,7 +97,7 @@ def _compare(a, b):
 
 
 def test_resume_gives_the_same_run(tmp_path, ray_cluster):
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     straight = train(load_tiny(tmp_path / "straight"))
     split = tmp_path / "split"
@@ -116,7 +116,7 @@ def test_resume_gives_the_same_run(tmp_path, ray_cluster):
 def test_variants_bf16_rollout_tis_grad_accum_zero2_grpo(tmp_path, ray_cluster):
     """The optional paths in one short run: bf16 rollout (a real mismatch), TIS with recomputed old
     log-probs, gradient accumulation over micro-batches, ZeRO-2, a baseline loss, 2 rollout workers."""
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     run = train(load_tiny(tmp_path / "v", "trainer.total_steps=2", "trainer.save_every=0", "rollout.dtype=bf16",
                           "algorithm.tis=true", "actor.micro_batch_size=2", "actor.zero_stage=2",
@@ -132,3 +132,24 @@ def test_variants_bf16_rollout_tis_grad_accum_zero2_grpo(tmp_path, ray_cluster):
         for line in f:
             p = json.loads(line)
             assert all(u - g == k for u, g, k in zip(p["update_version"], p["gen_version"], p["minibatch"]))
+
+
+def test_rollout_correction_sequence_is_token_rs_bf16(tmp_path, ray_cluster):
+    """algorithm.rollout_correction on the default task with a bf16 rollout (a real mismatch):
+    sequence IS + token rejection in one short run; the metrics.jsonl records carry the
+    rollout_corr/* metrics, finite, with some tokens rejected and IS weights of mean near 1."""
+    from vespo_trainer.loops.run import train
+
+    run = train(load_tiny(tmp_path / "rc", "trainer.total_steps=2", "trainer.save_every=0", "rollout.dtype=bf16",
+                          "algorithm.rollout_correction.rollout_is=sequence",
+                          "algorithm.rollout_correction.rollout_rs=token",
+                          "algorithm.rollout_correction.rollout_rs_threshold=1.001"))
+    recs = _records(run)
+    assert len(recs) == 2
+    for r in recs:
+        assert_finite_record(r)
+        for k in ("kl", "k3_kl", "ppl_ratio", "is_mean", "is_max", "ess", "rs_masked_frac"):
+            assert f"rollout_corr/{k}" in r, k
+        assert 0 < r["rollout_corr/ess"] <= 1
+        assert 0 < r["rollout_corr/rs_masked_frac"] < 1  # bf16 moves some tokens' ratio past 0.1 %
+        assert r["rollout_corr/k3_kl"] > 0

@@ -20,7 +20,6 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
-
 from trainer_test_utils import assert_finite_record, load_tiny  # noqa: E402
 
 VLLM_SHAPE = ("rollout.backend=vllm", "model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=2")
@@ -48,10 +47,11 @@ def _gap(model, batch, temperature):
 def test_vllm_worker_logprobs_match_the_learner_and_follow_weight_syncs(tmp_path, ray_cluster):
     import ray
 
-    from vespo_trainer.model import build_model
-    from vespo_trainer.rollout import RolloutWorker
-    from vespo_trainer.task import make_tokenizer, max_positions, task_prompts
-    from vespo_trainer.vllm_rollout import VllmRolloutWorker
+    from vespo_trainer.data.arith import task_prompts
+    from vespo_trainer.model import build_model, max_positions
+    from vespo_trainer.rollout.hf import HFRolloutWorker as RolloutWorker
+    from vespo_trainer.rollout.vllm import VllmRolloutWorker
+    from vespo_trainer.tokenizer import make_tokenizer
     from vespo_trainer.weight_sync import publish
 
     T = 0.7
@@ -118,7 +118,7 @@ def test_vllm_worker_logprobs_match_the_learner_and_follow_weight_syncs(tmp_path
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_train_with_vllm_rollouts(tmp_path, ray_cluster, mode):
-    from vespo_trainer.sync_loop import train
+    from vespo_trainer.loops.run import train
 
     extra = ["trainer.mode=async", "async.trigger_parameter_sync_step=1"] if mode == "async" else []
     cfg = load_tiny(tmp_path / "run", *VLLM_SHAPE, "algorithm.behaviour_logp=recompute", "trainer.total_steps=3",
@@ -144,9 +144,9 @@ def test_vllm_serves_an_exported_hf_directory(tmp_path, ray_cluster):
     import ray
     from transformers import AutoModelForCausalLM
 
+    from vespo_trainer.data.prompt import Prompt
     from vespo_trainer.hf_export import make_tiny_hf_dir
-    from vespo_trainer.task import Prompt
-    from vespo_trainer.vllm_rollout import VllmRolloutWorker
+    from vespo_trainer.rollout.vllm import VllmRolloutWorker
     from vespo_trainer.weight_sync import publish
 
     path = make_tiny_hf_dir(str(tmp_path / "hf"), seed=7, hidden_size=64, num_heads=2, num_kv_heads=2)

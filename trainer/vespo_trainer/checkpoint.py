@@ -15,6 +15,8 @@ import os
 import shutil
 from typing import Optional
 
+from .errors import CheckpointError
+
 
 def ckpt_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
@@ -44,7 +46,7 @@ def latest(run_dir: str) -> Optional[str]:
     except FileNotFoundError:
         return None
     if not os.path.isfile(os.path.join(ckpt_root(run_dir), tag, "trainer_state.json")):
-        raise RuntimeError(f"{ckpt_root(run_dir)}/latest names {tag!r}, which has no trainer_state.json")
+        raise CheckpointError(f"{ckpt_root(run_dir)}/latest names {tag!r}, which has no trainer_state.json")
     return tag
 
 

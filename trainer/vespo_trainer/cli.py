@@ -5,7 +5,9 @@
     vespo train --print-config [...]                      the resolved config with every key's help
     vespo plot RUN_DIR                                    PNG curves into RUN_DIR/plots/
     vespo export RUN_DIR --out DIR [--tag step_000100]    a checkpoint as a Hugging Face model directory
-    vespo data prepare --input X --output Y.parquet       a dataset in veRL's schema (see data.py)
+    vespo data prepare --input X --output Y.parquet       a dataset in veRL's schema (see data/verl.py)
+
+A user-fixable error (errors.VespoUserError) of any subcommand ends here: its message and exit code 2.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import argparse
 import sys
 import textwrap
 from typing import List, Optional
+
+from .errors import VespoUserError
 
 DEPS = {"train": ("omegaconf", "ray", "deepspeed", "transformers", "rich"), "plot": ("matplotlib",),
         "export": ("omegaconf", "deepspeed", "transformers", "tokenizers"), "data": ("pyarrow",)}
@@ -22,9 +26,9 @@ def plan_text(cfg) -> str:
     """What a run with this config will do (the --dry-run output). Loads the tokenizer and the prompts
     (so a bad model.path or data file shows here); raises ValueError if they cannot be loaded."""
     from .cluster import ray_address
-    from .task import load_prompts, make_tokenizer
-
     from .config import missing_paths
+    from .data.tasks import load_prompts
+    from .tokenizer import make_tokenizer
 
     missing = missing_paths(cfg)
     n_prompts = "?" if missing else len(load_prompts(cfg, make_tokenizer(cfg), log=lambda s: None))
@@ -34,15 +38,22 @@ def plan_text(cfg) -> str:
     micro = cfg.actor.micro_batch_size or mb * n // lw
     alg = cfg.algorithm
     params = ", ".join(f"{k}={v}" for k, v in alg.loss_params.items()) or "defaults"
-    old = "recomputed by the learner" if (alg.behaviour_logp == "recompute" or alg.tis) else "from the rollout engine"
+    old = "recomputed by the learner" if alg.recompute_old_logp else "from the rollout engine"
+    rcc = alg.rollout_correction
+    corr = "; rollout correction: " + ", ".join(
+        ([f"IS {rcc.rollout_is} (threshold {rcc.rollout_is_threshold}"
+          + (", batch-normalised)" if rcc.rollout_is_batch_normalize else ")")] if rcc.rollout_is else [])
+        + ([f"rejection {rcc.rollout_rs} (threshold {rcc.rollout_rs_threshold})"] if rcc.rollout_rs else [])
+    ) if rcc.active else ("; rollout correction: metrics only" if alg.recompute_old_logp else "")
     addr = ray_address(cfg)
     if cfg.trainer.mode == "async":
         ac, S = cfg.async_, cfg.async_.trigger_parameter_sync_step * cfg.async_step_groups
         mode = [
-            f"  mode          async: an optimizer step per {cfg.async_step_groups} prompt groups ({ac.require_batches} x "
-            f"{mb}); weights pushed every {ac.trigger_parameter_sync_step} steps (S = {S} groups per push)",
-            f"  window        at most (1 + {ac.staleness_threshold:g}) x {S} = {cfg.async_window} groups started but not "
-            f"trained when a push lands; {cfg.rollout_chunk} groups per generate call; partial rollout "
+            f"  mode          async: an optimizer step per {cfg.async_step_groups} prompt groups "
+            f"({ac.require_batches} x {mb}); weights pushed every {ac.trigger_parameter_sync_step} steps "
+            f"(S = {S} groups per push)",
+            f"  window        at most (1 + {ac.staleness_threshold:g}) x {S} = {cfg.async_window} groups started but "
+            f"not trained when a push lands; {cfg.rollout_chunk} groups per generate call; partial rollout "
             f"{'on' if ac.partial_rollout else 'off'}" + (f"; drop samples older than {ac.max_lag}" if ac.max_lag >= 0
                                                           else ""),
         ]
@@ -67,7 +78,7 @@ def plan_text(cfg) -> str:
         + (f" of {len(cfg.data.train_files)} file(s)), reward {cfg.reward.function or 'math'}"
            if cfg.task.name == "dataset" else f"), format warm-up {cfg.task.warmup_steps} steps"),
         f"  loss          {alg.loss} ({params}; agg {alg.agg or 'default'}); group advantages; old_logp {old}"
-        + (f"; TIS cap {alg.tis_cap}" if alg.tis else ""),
+        + corr,
         (f"  model         {cfg.model.path} (transformers, local files)" if cfg.model.path else
          f"  model         {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size} hidden, "
          f"built in-process (seed {cfg.trainer.seed})"),
@@ -146,61 +157,51 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"vespo {args.command} needs {', '.join(missing)}: pip install \"vespo[train]\" "
               "(after torch; see the README)", file=sys.stderr)
         return 2
-    if args.command == "export":
-        from .hf_export import export_checkpoint
-
-        try:
-            export_checkpoint(args.run_dir, args.out, args.tag)
-        except (FileNotFoundError, ValueError, RuntimeError) as exc:
-            print(f"vespo export: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "data":
-        from .data import INSTRUCTION, DataError, prepare
-
-        try:
-            prepare(args.input, args.output, INSTRUCTION if args.instruction is None else args.instruction,
-                    args.data_source)
-        except DataError as exc:
-            print(f"vespo data prepare: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "plot":
-        from .plot import plot_run
-
-        try:
-            paths = plot_run(args.run_dir)
-        except FileNotFoundError as exc:
-            print(f"vespo plot: {exc}", file=sys.stderr)
-            return 2
-        print("\n".join(paths))
-        return 0
-    from .config import ConfigError, load_config
-
+    where = {"train": "vespo", "data": "vespo data prepare"}.get(args.command, f"vespo {args.command}")
     try:
-        cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
-    except ConfigError as exc:
-        print(f"vespo: config error: {exc}", file=sys.stderr)
+        return COMMANDS[args.command](args)
+    except VespoUserError as exc:  # the one place a user's error ends: its message, exit code 2
+        print(f"{where}: {exc.label + ': ' if exc.label else ''}{exc}", file=sys.stderr)
         return 2
+
+
+def _export(args) -> int:
+    from .hf_export import export_checkpoint
+
+    export_checkpoint(args.run_dir, args.out, args.tag)
+    return 0
+
+
+def _data(args) -> int:
+    from .data.verl import INSTRUCTION, prepare
+
+    prepare(args.input, args.output, INSTRUCTION if args.instruction is None else args.instruction, args.data_source)
+    return 0
+
+
+def _plot(args) -> int:
+    from .plot import plot_run
+
+    print("\n".join(plot_run(args.run_dir)))
+    return 0
+
+
+def _train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides, check_paths=not args.dry_run)
     if args.print_config:
         print(config_help_text(cfg))
         return 0
     if args.dry_run:
-        try:
-            print(plan_text(cfg))
-        except ValueError as exc:
-            print(f"vespo: config error: {exc}", file=sys.stderr)
-            return 2
+        print(plan_text(cfg))
         return 0
-    from .interrupt import Interrupted, TrainingAborted
-    from .sync_loop import train
+    from .loops import run
+    from .loops.interrupt import Interrupted, TrainingAborted
 
     resume = f"trainer.resume=true trainer.output_dir={cfg.trainer.output_dir}"
     try:
-        run_dir = train(cfg)
-    except (FileExistsError, ConfigError) as exc:
-        print(f"vespo: {exc}", file=sys.stderr)
-        return 2
+        run_dir = run.train(cfg)
     except Interrupted as exc:
         print(f"vespo: {exc}; continue with {resume}", file=sys.stderr)
         return 130
@@ -213,6 +214,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     print(f"done: {run_dir}  (curves: vespo plot {run_dir})")
     return 0
+
+
+COMMANDS = {"train": _train, "export": _export, "data": _data, "plot": _plot}
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List
 
-import torch
+from .errors import ResourceError
+from .learner.group import LearnerGroup
+from .reward.pool import RewardWorker
+from .rollout.base import backend_class, check_backend
+from .runtime import kill_actor, use_cuda
 
 
 def ray_address(cfg):
@@ -33,21 +37,6 @@ def ray_session(cfg):
             ray.shutdown()
 
 
-def use_cuda(cfg) -> bool:
-    if cfg.trainer.device == "cuda":
-        return True
-    if cfg.trainer.device == "cpu":
-        return False
-    if torch.cuda.is_available():
-        return True
-    try:  # a driver on a CPU head node of a GPU cluster
-        import ray
-
-        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    except Exception:
-        return False
-
-
 def plan_resources(cfg, cluster: dict, check: bool = True) -> dict:
     """CPUs/GPUs per actor (the learner's: per rank); -1 GPUs means: 1 each when the cluster has
     enough, else share (a learner of W > 1 ranks takes 0.6 of a GPU per rank: more than half, so
@@ -61,7 +50,7 @@ def plan_resources(cfg, cluster: dict, check: bool = True) -> dict:
     rollout_gpu = cfg.rollout.num_gpus if cfg.rollout.num_gpus >= 0 else (
         0.0 if not cuda else 1.0 if not share else 0.5 / r if w == 1 else 0.4 / -(-r // w))
     if cuda and w > 1 and learner_gpu <= 0.5:
-        raise RuntimeError(f"actor.num_gpus={learner_gpu:g} with {w} learner ranks: NCCL needs one GPU per rank, "
+        raise ResourceError(f"actor.num_gpus={learner_gpu:g} with {w} learner ranks: NCCL needs one GPU per rank, "
                            "so each rank must ask for more than half a GPU")
     plan = {"learner": {"num_cpus": cfg.actor.num_cpus, "num_gpus": learner_gpu},
             "rollout": {"num_cpus": cfg.rollout.num_cpus, "num_gpus": rollout_gpu},
@@ -70,7 +59,7 @@ def plan_resources(cfg, cluster: dict, check: bool = True) -> dict:
     need_gpu = w * learner_gpu + r * rollout_gpu
     local = ray_address(cfg) is None  # a remote cluster may autoscale: only a local Ray is checked
     if check and local and (need_cpu > cluster.get("CPU", 0.0) + 1e-9 or need_gpu > gpus + 1e-9):
-        raise RuntimeError(
+        raise ResourceError(
             f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has "
             f"{cluster.get('CPU', 0):g} CPUs and {gpus:g} GPUs: lower actor/rollout/reward.num_cpus or num_gpus, "
             "or the number of workers (Ray would otherwise wait forever)")
@@ -87,14 +76,9 @@ class Actors:
 def start_actors(cfg) -> Actors:
     import ray
 
-    from .learner_group import LearnerGroup
-
-    if cfg.rollout.backend == "vllm" and ray_address(cfg) is None:
-        from .vllm_rollout import check_available
-
-        check_available()  # a local Ray's workers share this environment: fail before starting anything
-    if use_cuda(cfg) and cfg.trainer.device == "auto":
-        cfg.trainer.device = "cuda"  # what the actors should use, whatever the driver sees
+    if ray_address(cfg) is None:
+        check_backend(cfg.rollout.backend)  # a local Ray's workers share this environment: fail before starting
+    cfg.trainer.device = "cuda" if use_cuda(cfg) else "cpu"  # decided once, here: the actors read the answer
     res = plan_resources(cfg, ray.cluster_resources())
     learner = LearnerGroup(cfg, res["learner"])
     rollout = [_new_rollout(cfg, res, rank) for rank in range(cfg.rollout.num_workers)]
@@ -105,31 +89,23 @@ def start_actors(cfg) -> Actors:
 def _new_rollout(cfg, res: dict, rank: int):
     import ray
 
-    if cfg.rollout.backend == "vllm":
-        from .vllm_rollout import VllmRolloutWorker as RolloutWorker
-    else:
-        from .rollout import RolloutWorker
+    worker_cls = backend_class(cfg.rollout.backend)
     # partial rollout: a weight update must reach the worker while it generates (a threaded actor)
     threaded = cfg.trainer.mode == "async" and cfg.async_.partial_rollout
-    return ray.remote(RolloutWorker).options(max_concurrency=4 if threaded else 1, **res["rollout"]).remote(cfg, rank)
+    return ray.remote(worker_cls).options(max_concurrency=4 if threaded else 1, **res["rollout"]).remote(cfg, rank)
 
 
 def restart_rollout(cfg, actors: Actors, rank: int):
     """Replace rollout worker `rank` (dead) by a fresh one; it needs weights before it generates."""
     import ray
 
-    try:
-        ray.kill(actors.rollout[rank])
-    except Exception:
-        pass
+    kill_actor(actors.rollout[rank])
     actors.rollout[rank] = _new_rollout(cfg, plan_resources(cfg, ray.cluster_resources(), check=False), rank)
     return actors.rollout[rank]
 
 
 def _new_reward(cfg, res: dict):
     import ray
-
-    from .reward import RewardWorker
 
     return ray.remote(RewardWorker).options(**res["reward"]).remote(cfg)
 
@@ -138,10 +114,7 @@ def restart_reward(cfg, actors: Actors, index: int):
     """Replace reward worker `index` (dead) by a fresh one."""
     import ray
 
-    try:
-        ray.kill(actors.reward[index])
-    except Exception:
-        pass
+    kill_actor(actors.reward[index])
     actors.reward[index] = _new_reward(cfg, plan_resources(cfg, ray.cluster_resources(), check=False))
     return actors.reward[index]
 
@@ -151,10 +124,10 @@ def stop_actors(actors: Actors) -> None:
 
     for a in actors.reward:
         try:
-            ray.get(a.close.remote(), timeout=10)
-        except Exception:
+            ray.get(a.close.remote(), timeout=10)  # ends its process pool
+        except ray.exceptions.RayError:  # dead, or stuck past the timeout: killed below either way
             pass
     actors.learner.kill()
     for a in [*actors.rollout, *actors.reward]:
-        ray.kill(a)
+        kill_actor(a)
 

@@ -1,6 +1,6 @@
 """The run configuration: OmegaConf structured dataclasses with help text, loading, overrides, validation.
 
-    cfg = load_config("examples/configs/arith_tiny.yaml", ["trainer.total_steps=4", "algorithm.loss=grpo"])
+    cfg = load_config("examples/configs/tiny.yaml", ["trainer.total_steps=4", "algorithm.loss=grpo"])
 
 Every field carries its help text (`vespo train --print-config` shows them). Checks on one field
 live in that group's __post_init__, checks across groups in Config.__post_init__; OmegaConf's
@@ -12,18 +12,19 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-LOSSES = ("vespo", "grpo", "gspo", "sapo", "cispo")  # vespo_ext.LOSSES (checked against it in validation)
+from vespo_ext import AGGS, LOSSES, ROLLOUT_CORRECTION_PRESETS, check_loss, check_rollout_correction  # torch-free
+
+from .errors import ConfigError
+
+__all__ = ["AGGS", "LOSSES", "Config", "ConfigError", "check_model_dir", "load_config", "to_dict", "to_yaml"]
+
 VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM 0.32 CPU attention (GPU takes these too)
-AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-class ConfigError(ValueError):
-    """An impossible or unsupported setting; the message names the key."""
+BACKENDS = ("hf", "vllm")  # rollout.backend (the classes: rollout/base.py's registry)
 
 
 # load_config(check_paths=False) lowers this while it builds the config: the dry run of a config written
@@ -44,6 +45,14 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 def _one_of(value, key: str, choices) -> None:
     _check(value in choices, key, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def check_model_dir(path: str) -> None:
+    """A local Hugging Face model directory: exists and has config.json (ConfigError naming model.path)."""
+    _check(os.path.isdir(path), "model.path", f"no such directory: {path}")
+    _check(os.path.isfile(os.path.join(path, "config.json")), "model.path",
+           f"{path} has no config.json (a Hugging Face model directory holds config.json, *.safetensors and "
+           f"tokenizer files); found {sorted(os.listdir(path))[:10]}")
 
 
 @dataclass
@@ -84,7 +93,8 @@ class TaskConfig:
     a_max: int = _f(9, "the first operand a takes the values 0..a_max")
     b_max: int = _f(9, "the second operand b takes the values 0..b_max (smaller: an easier table)")
     answer: str = _f("last_digit", "task arith: last_digit (the last digit of a+b, one token) or sum (the whole sum "
-                                   "a+b, one or two digits: longer answers, though not harder to learn in the staleness "
+                                   "a+b, one or two digits: longer answers, though not harder to learn in the "
+                                   "staleness "
                                    "study's pilots; the format warm-up then uses random numbers 0..a_max+b_max)")
     warmup_steps: int = _f(40, "task arith: supervised warm-up steps on the answer FORMAT only (a random digit "
                                "then EOS), so a random policy already scores ~0.1; 0 disables (task dataset: none)")
@@ -121,8 +131,55 @@ class DataConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """algorithm.rollout_correction: veRL's keys (docs/rollout_correction.md)."""
+    preset: Optional[str] = _f(None, "a named combination that sets the keys below (which must then stay at their "
+                                     "defaults): " + ", ".join(ROLLOUT_CORRECTION_PRESETS))
+    rollout_is: Optional[str] = _f(None, "importance weights w = pi_old / mu (learner / rollout engine): null, token "
+                                         "or sequence; for vespo they enter log W")
+    rollout_is_threshold: Any = _f(2.0, "upper truncation of the IS weights, or 'lower_upper' (IcePop: weights "
+                                        "outside the band become 0)")
+    rollout_is_batch_normalize: bool = _f(False, "divide the IS weights by their mean over the batch")
+    rollout_rs: Optional[str] = _f(None, "rejection (masks tokens / sequences out of the loss), comma-separated: "
+                                         "token_k1, seq_sum_k1, seq_mean_k1 (ratio bounds; aliases token, sequence, "
+                                         "geometric), token|seq_sum|seq_mean|seq_max _k2|_k3 (divergence bounds)")
+    rollout_rs_threshold: Any = _f(None, "rejection bounds: 'lower_upper' or an upper bound for *_k1, an upper bound "
+                                         "for *_k2/_k3; one for all options or one per option, comma-separated")
+    rollout_rs_threshold_lower: Optional[float] = _f(None, "lower ratio bound of *_k1 options given one number "
+                                                           "(default 1 / rollout_rs_threshold)")
+    bypass_mode: Optional[bool] = _f(None, "true: the rollout engine's log-probs are old_logp (no recompute; no "
+                                           "correction possible); false: the learner recomputes old_logp; null: "
+                                           "false when a correction is on or algorithm.behaviour_logp=recompute")
+
+    def __post_init__(self):
+        if self.preset is not None:
+            _one_of(self.preset, "algorithm.rollout_correction.preset", tuple(ROLLOUT_CORRECTION_PRESETS))
+            defaults = RolloutCorrectionConfig.__dataclass_fields__
+            for key, value in ROLLOUT_CORRECTION_PRESETS[self.preset].items():
+                mine = getattr(self, key)
+                _check(mine == defaults[key].default or mine == value, f"algorithm.rollout_correction.{key}",
+                       f"is set by preset {self.preset!r} (to {value!r}); drop one of the two (got {mine!r})")
+                setattr(self, key, value)
+            self.preset = None  # expanded: the saved config.yaml holds the keys it set
+        try:
+            check_rollout_correction(self.rollout_is, self.rollout_is_threshold, self.rollout_rs,
+                                     self.rollout_rs_threshold, self.rollout_rs_threshold_lower)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"algorithm.rollout_correction: {exc}") from None
+
+    @property
+    def active(self) -> bool:
+        return self.rollout_is is not None or self.rollout_rs is not None
+
+    def kwargs(self) -> dict:
+        """The arguments of vespo_ext.rollout_correction."""
+        return {k: getattr(self, k) for k in ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize",
+                                              "rollout_rs", "rollout_rs_threshold", "rollout_rs_threshold_lower")}
+
+
+@dataclass
 class AlgorithmConfig:
-    loss: str = _f("vespo", "policy loss of vespo_ext.policy_loss: vespo, grpo, gspo, sapo or cispo")
+    loss: str = _f("vespo", "policy loss of vespo_ext.policy_loss: " + ", ".join(LOSSES))
     agg: Optional[str] = _f(None, "loss aggregation (null: the loss's default): " + ", ".join(AGGS))
     loss_params: Dict[str, float] = _f({}, "parameters of the chosen loss, e.g. algorithm.loss_params.k_pos=2.0 "
                                            "(vespo: k_pos lambda_pos k_neg lambda_neg; grpo: clip_ratio_low/high/c)")
@@ -130,9 +187,10 @@ class AlgorithmConfig:
     norm_adv_by_std: bool = _f(True, "divide the group advantage by the group's reward std")
     behaviour_logp: str = _f("rollout", "old_logp for the loss: 'rollout' (log-probs the rollout engine sampled "
                                         "with) or 'recompute' (the learner recomputes them before its first update)")
-    tis: bool = _f(False, "truncated importance sampling: old_logp recomputed by the learner and per-token weights "
-                          "min(exp(recomputed - rollout), tis_cap) correct the train/inference mismatch")
-    tis_cap: float = _f(2.0, "upper clip of the TIS weights")
+    tis: bool = _f(False, "truncated importance sampling, kept for older configs: the same as "
+                          "rollout_correction.rollout_is=token with rollout_is_threshold=tis_cap")
+    tis_cap: float = _f(2.0, "upper clip of the TIS weights (algorithm.tis)")
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def __post_init__(self):
         _one_of(self.loss, "algorithm.loss", LOSSES)
@@ -142,12 +200,27 @@ class AlgorithmConfig:
         _check(self.adv_eps > 0, "algorithm.adv_eps", "must be > 0")
         _check(self.tis_cap > 0, "algorithm.tis_cap", "must be > 0")
         try:
-            from vespo_ext import check_loss
             check_loss(self.loss, self.agg, **dict(self.loss_params))
-        except ImportError:
-            pass
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"algorithm.loss_params: {exc}") from None
+        rc = self.rollout_correction
+        if self.tis:  # the older key: token-level truncated IS
+            same = rc.rollout_is is None or (rc.rollout_is == "token" and rc.rollout_is_threshold == self.tis_cap)
+            _check(same, "algorithm.tis",
+                   "and algorithm.rollout_correction.rollout_is set different IS weights: use one")
+            rc.rollout_is, rc.rollout_is_threshold = "token", self.tis_cap
+        _check(not (rc.bypass_mode and (rc.active or self.behaviour_logp == "recompute")),
+               "algorithm.rollout_correction.bypass_mode",
+               "true uses the engine's log-probs as old_logp (the ratio is then 1): a rollout correction or "
+               "behaviour_logp=recompute needs bypass_mode=false")
+
+    @property
+    def recompute_old_logp(self) -> bool:
+        """Whether the learner recomputes old_logp (decoupled mode) before its first update."""
+        rc = self.rollout_correction
+        if rc.bypass_mode is not None:
+            return not rc.bypass_mode
+        return rc.active or self.behaviour_logp == "recompute"
 
 
 @dataclass
@@ -207,7 +280,7 @@ class RolloutConfig:
 
     def __post_init__(self):
         _check(self.n >= 1, "rollout.n", "must be >= 1")
-        _one_of(self.backend, "rollout.backend", ("hf", "vllm"))
+        _one_of(self.backend, "rollout.backend", BACKENDS)
         _check(self.temperature > 0, "rollout.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
@@ -258,10 +331,7 @@ class ModelConfig:
         if self.path is not None:
             self.path = os.path.abspath(os.path.expanduser(self.path))  # the actors' cwd may differ
         if self.path is not None and _CHECK_PATHS[0]:
-            _check(os.path.isdir(self.path), "model.path", f"no such directory: {self.path}")
-            _check(os.path.isfile(os.path.join(self.path, "config.json")), "model.path",
-                   f"{self.path} has no config.json (not a Hugging Face model directory); "
-                   f"found {sorted(os.listdir(self.path))[:10]}")
+            check_model_dir(self.path)
         for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _check(getattr(self, k) >= 1, f"model.{k}", "must be >= 1")
         _check(self.init_std > 0, "model.init_std", "must be > 0")
@@ -281,7 +351,7 @@ class WeightSyncConfig:
 
 @dataclass
 class AsyncConfig:
-    """`async.*` (spelled `async_` in Python): veRL's fully-async semantics, SPEC.md "Staleness"."""
+    """`async.*` (spelled `async_` in Python): veRL's fully-async semantics, docs/spec.md "Staleness"."""
     trigger_parameter_sync_step: int = _f(1, "push the learner's weights to the rollout workers every this many "
                                              "optimizer steps")
     staleness_threshold: float = _f(0.0, "between two weight pushes the rollout side may have at most "
@@ -424,8 +494,11 @@ def help_text() -> List[tuple]:
 def missing_paths(cfg: Config) -> List[str]:
     """The local files the config names that are not on this machine ("key: path")."""
     out = [f"data.train_files: {p}" for p in cfg.data.train_files if not os.path.isfile(p)]
-    if cfg.model.path and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
-        out.append(f"model.path: {cfg.model.path}")
+    if cfg.model.path:
+        try:
+            check_model_dir(cfg.model.path)
+        except ConfigError:
+            out.append(f"model.path: {cfg.model.path}")
     return out
 
 

@@ -15,7 +15,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .tokenizer import BOS, EOS, PAD, UNK, CharTokenizer, HFTokenizer
+import torch
+
+from . import checkpoint as ckpt
+from .config import ModelConfig, load_config
+from .errors import CheckpointError, RunNotFound
+from .model import build_model, load_policy
+from .tokenizer import BOS, EOS, PAD, PRINTABLE, UNK, CharTokenizer, HFTokenizer, make_tokenizer
 
 # The pre-tokenizer split of Qwen2 tokenizers (words, single digits, punctuation runs, whitespace).
 SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -92,10 +98,6 @@ def make_tiny_hf_dir(path: str, *, arch: str = "qwen2", seed: int = 0, max_posit
     """A tiny random causal LM (config.ModelConfig defaults, overridable: hidden_size=32, ...) with the
     printable-ASCII character tokenizer (and its chat template) saved as a Hugging Face directory: a
     `model.path` for tests, with no download. Returns the path."""
-    from .config import ModelConfig
-    from .model import build_model
-    from .tokenizer import PRINTABLE
-
     tok = CharTokenizer(PRINTABLE, unk=True) if alphabet is None else CharTokenizer(alphabet)
     model = build_model(ModelConfig(arch=arch, **model_keys), tok, seed=seed, max_positions=max_positions)
     return save_hf_dir(model, tok, path)
@@ -103,45 +105,36 @@ def make_tiny_hf_dir(path: str, *, arch: str = "qwen2", seed: int = 0, max_posit
 
 def _checkpoint_state_dict(ckpt_dir: str, tag: str, zero_stage: int) -> dict:
     """The learner's full fp32 weights from a DeepSpeed checkpoint (ZeRO-3: gathered from the shards)."""
-    import torch
-
     if zero_stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     path = os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found (not a DeepSpeed checkpoint of `vespo train`?)")
+        raise RunNotFound(f"{path} not found (not a DeepSpeed checkpoint of `vespo train`?)")
     # our own checkpoint file (it also holds the run's RNG state and DeepSpeed bookkeeping)
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
 def export_checkpoint(run_dir: str, out: str, tag: Optional[str] = None, log=print) -> str:
     """RUN_DIR's checkpoint `tag` (default: the latest) as a Hugging Face directory at `out`."""
-    import torch
-
-    from . import checkpoint as ckpt
-    from .config import load_config
-    from .model import load_policy
-    from .task import make_tokenizer
-
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{run_dir} has no config.yaml (not a run directory of `vespo train`)")
+        raise RunNotFound(f"{run_dir} has no config.yaml (not a run directory of `vespo train`)")
     cfg = load_config(cfg_path)
     tag = tag or ckpt.latest(run_dir)
     if tag is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+        raise RunNotFound(f"{run_dir} has no checkpoint yet")
     if not os.path.isdir(os.path.join(ckpt.ckpt_root(run_dir), tag)):
         have = sorted(t for t in os.listdir(ckpt.ckpt_root(run_dir)) if t.startswith("step_"))
-        raise FileNotFoundError(f"{run_dir} has no checkpoint {tag!r}; it has {have}")
+        raise RunNotFound(f"{run_dir} has no checkpoint {tag!r}; it has {have}")
     tok = make_tokenizer(cfg)
     model = load_policy(cfg, tok, dtype="fp32")
     state = _checkpoint_state_dict(ckpt.ckpt_root(run_dir), tag, cfg.actor.zero_stage)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {tag} does not fit the run's model: missing {sorted(set(missing) - tied)}, "
+        raise CheckpointError(f"checkpoint {tag} does not fit the run's model: missing {sorted(set(missing) - tied)}, "
                            f"unexpected {sorted(unexpected)}")
     if tied:
         model.tie_weights()

@@ -81,8 +81,8 @@ class Progress:
         self._recent = deque(maxlen=max(20, log_every))  # per-step reward is noisy: show a running mean too
         self._bar = None
         if mode == "rich":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 TextColumn("[bold]vespo train"), BarColumn(), MofNCompleteColumn(),

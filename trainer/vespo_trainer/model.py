@@ -1,7 +1,13 @@
 """The policy model: a tiny causal LM built from a transformers config (no download), seeded init."""
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+
+from .config import check_model_dir
+from .errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,28 +40,26 @@ def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_model_dir(path: str) -> None:
-    """A local Hugging Face model directory: exists and has config.json (ValueError naming model.path)."""
-    import os
-
-    if not os.path.isdir(path):
-        raise ValueError(f"model.path: no such directory: {path}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"model.path: {path} has no config.json (a Hugging Face model directory holds "
-                         f"config.json, *.safetensors and tokenizer files); found {sorted(os.listdir(path))[:10]}")
+def max_positions(cfg) -> int:
+    """Position-embedding size of the model: the longest prompt + response, with room to spare
+    (model.path: the model's own max_position_embeddings)."""
+    if cfg.model.path:
+        with open(os.path.join(cfg.model.path, "config.json")) as f:
+            hf = json.load(f)
+        return int(hf.get("max_position_embeddings") or hf.get("text_config", {}).get("max_position_embeddings"))
+    if cfg.task.name == "dataset":
+        return cfg.data.max_prompt_length + cfg.rollout.max_new_tokens + 8
+    return 8 + len("9+9=") + cfg.rollout.max_new_tokens + 8
 
 
 def load_policy(cfg, tokenizer, dtype: str = "fp32"):
     """The policy of a run: `model.path` loaded with transformers (local files only, never a download),
     or the tiny built-in model of `cfg.model` (seeded by trainer.seed)."""
-    from .task import max_positions
-
     path = cfg.model.path
     if not path:
         return build_model(cfg.model, tokenizer, seed=cfg.trainer.seed, dtype=dtype, max_positions=max_positions(cfg))
-    from transformers import AutoModelForCausalLM
-
     import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     check_model_dir(path)
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
@@ -64,11 +68,9 @@ def load_policy(cfg, tokenizer, dtype: str = "fp32"):
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="sdpa",
                                                      **{dtype_kw: DTYPES[dtype]})
     except Exception as exc:  # noqa: BLE001 - name the key and the path whatever went wrong
-        raise ValueError(f"model.path: cannot load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"model.path: cannot load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
     # Sampling defaults of the directory (top_p, top_k, repetition_penalty, ...) must not leak into the rollout:
     # the behaviour log-probs are those of plain temperature sampling from the raw logits.
-    from transformers import GenerationConfig
-
     model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=list(tokenizer.eos_token_ids))
     return model

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import List
 
+from .errors import RunNotFound
 from .metrics_log import METRICS_FILE, read_metrics
 
 PANELS = {
@@ -20,7 +21,7 @@ PANELS = {
 def plot_run(run_dir: str) -> List[str]:
     """Writes one PNG per panel plus the lag histogram; returns their paths."""
     if not os.path.isfile(os.path.join(run_dir, METRICS_FILE)):
-        raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE} (is it a vespo run directory?)")
+        raise RunNotFound(f"{run_dir} has no {METRICS_FILE} (is it a vespo run directory?)")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,5 @@
-"""Small process-level helpers shared by the actors: threads, seeds, log noise, a free port."""
+"""Small process-level helpers shared by the driver and the actors: the CUDA-or-not decision, threads, seeds,
+log noise, a free port, Ray's task errors unwrapped."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,39 @@ def stable_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def use_cuda(cfg) -> bool:
+    """The one CUDA-or-not decision: trainer.device, and for `auto` a GPU visible to this process or, on the
+    driver only (a CPU head node of a GPU cluster), a GPU in the Ray cluster. cluster.start_actors writes
+    the answer into trainer.device before it starts the actors, so they all agree with the driver."""
+    import torch
+
+    if cfg.trainer.device != "auto":
+        return cfg.trainer.device == "cuda"
+    if torch.cuda.is_available():
+        return True
+    import ray
+
+    in_driver = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is None
+    return in_driver and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """The exception an actor or task raised, out of Ray's RayTaskError (itself for anything else)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def kill_actor(handle) -> None:
+    """ray.kill, for an actor that may be dead already (no error); a handle Ray no longer knows (another
+    session, a cluster that lost it) has nothing left to kill either."""
+    import ray
+
+    try:
+        ray.kill(handle)
+    except ray.exceptions.RayError:
+        pass
+
+
 def set_threads(requested: int) -> int:
     """torch threads for this actor: `requested`, or the CPUs Ray assigned it (at least 1)."""
     import torch
@@ -26,7 +60,7 @@ def set_threads(requested: int) -> int:
 
             if ray.is_initialized():
                 n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
-        except Exception:
+        except (ImportError, RuntimeError):  # no Ray here, or not inside a task/actor
             n = 0
         n = max(1, n)
     torch.set_num_threads(n)

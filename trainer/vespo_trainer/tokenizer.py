@@ -19,7 +19,10 @@ import os
 import string
 from typing import List, Optional, Sequence, Union
 
+from .errors import ConfigError
+
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
+ARITH_ALPHABET = "0123456789+="  # the built-in model's alphabet on the arith task
 # Every printable ASCII character but \t\r\x0b\x0c: the alphabet of the built-in model on dataset prompts.
 PRINTABLE = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -108,10 +111,10 @@ class HFTokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - any loader failure: name the key and the path
-            raise ValueError(f"model.path: cannot load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(f"model.path: cannot load a tokenizer from {path}: {type(exc).__name__}: {exc}") from None
         self.path = path
         if self.hf.eos_token_id is None:
-            raise ValueError(f"model.path: the tokenizer in {path} has no eos token")
+            raise ConfigError(f"model.path: the tokenizer in {path} has no eos token")
         self.eos_token_id = int(self.hf.eos_token_id)
         eos = [self.eos_token_id] + _generation_eos(path)
         self.eos_token_ids = tuple(dict.fromkeys(eos))
@@ -125,7 +128,7 @@ class HFTokenizer:
 
     def require_chat_template(self, what: str) -> None:
         if not self.chat_template:
-            raise ValueError(f"model.path: the tokenizer in {self.path} has no chat template, but {what} are chat "
+            raise ConfigError(f"model.path: the tokenizer in {self.path} has no chat template, but {what} are chat "
                              "messages; use a tokenizer with a chat_template (tokenizer_config.json or "
                              "chat_template.jinja)")
 
@@ -166,3 +169,13 @@ def _generation_eos(path: str) -> List[int]:
 def load_tokenizer(path: Optional[str], alphabet: str, unk: bool = False):
     """HFTokenizer(path) when a model directory is given, else the built-in CharTokenizer(alphabet)."""
     return HFTokenizer(path) if path else CharTokenizer(alphabet, unk=unk)
+
+
+def make_tokenizer(cfg=None):
+    """The run's tokenizer: model.path's (Hugging Face), else the built-in character tokenizer
+    (task arith: digits, '+', '='; task dataset: printable ASCII plus <unk>). No cfg: arith's."""
+    if cfg is None:
+        return CharTokenizer(ARITH_ALPHABET)
+    if cfg.task.name == "dataset":
+        return load_tokenizer(cfg.model.path, PRINTABLE, unk=True)
+    return load_tokenizer(cfg.model.path, ARITH_ALPHABET)

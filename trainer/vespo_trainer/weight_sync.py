@@ -5,8 +5,8 @@ The learner cuts its (gathered, CPU) state dict into ordered buckets of at most 
 table (name, dtype, shape, offset), puts it in the object store and hands the list of references to
 every rollout worker, which fetches and loads them one at a time: peak extra memory on a worker is
 one bucket, not a second model. A flat NumPy buffer travels out of band (zero copy on the same
-node); a dict of torch tensors would be pickled tensor by tensor (measured here: ~40 ms for the
-0.5 MiB default model, against ~2 ms flat).
+node); a dict of torch tensors would be pickled tensor by tensor, many times slower (measured:
+benchmarks/results/README.md, "Trainer").
 
 The transport is a small "channel" with two methods, so a collective path plugs in without touching
 the learner or the workers: `send(bucket) -> handle` on the learner's rank 0 and

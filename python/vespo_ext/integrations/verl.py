@@ -44,7 +44,7 @@ Config fields read (veRL's ``ActorConfig`` names):
 Deliberate differences from veRL's own functions (each is exercised by tests/test_peers.py):
 
 * The sign that picks VESPO's (k, λ) and SAPO's τ is the advantage of the sequence's first
-  counted token (SPEC.md); veRL's SAPO picks τ per token (``advantages > 0``) and the VESPO
+  counted token (docs/spec.md); veRL's SAPO picks τ per token (``advantages > 0``) and the VESPO
   recipe takes column 0. All agree when the advantage is one value per sequence (GRPO,
   RLOO, ... outcome advantages); they differ for per-token advantages whose sign changes
   inside a sequence (GAE).

@@ -19,14 +19,12 @@ import json
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ..errors import DataError
+from .prompt import Prompt
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 QUESTION_KEYS = ("problem", "question")
 ANSWER_KEYS = ("answer", "solution")
-
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file and what is wrong."""
 
 
 # -- reading and writing ------------------------------------------------------------------------------
@@ -172,8 +170,6 @@ def prepare(input_path: str, output_path: str, instruction: str = INSTRUCTION, d
 # -- the prompts of task `dataset` -------------------------------------------------------------------
 def load_dataset_prompts(data_cfg, tok, log: Callable[[str], None] = print) -> list:
     """Prompts of data.train_files, in file then row order; those over data.max_prompt_length tokens are dropped."""
-    from .task import Prompt
-
     prompts, dropped, total = [], 0, 0
     key, limit = data_cfg.prompt_key, data_cfg.max_prompt_length
     for path in data_cfg.train_files:

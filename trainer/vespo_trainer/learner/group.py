@@ -11,7 +11,7 @@ come in; the first rank that raises or dies fails it at once with a LearnerFaile
 so the caller's ray.get raises instead of hanging behind the ranks still blocked in a collective.
 The answers have the shapes of the 1-rank Learner's:
 
-    train_batch  {"metrics", "provenance"}: metrics merged over ranks (learner_metrics), provenance of
+    train_batch  {"metrics", "provenance"}: metrics merged over ranks (metrics.py), provenance of
                  every row exactly once, in the batch's order
     publish_weights  rank 0's {"refs", "version", ...} (only rank 0 puts buckets in the object store)
     info, save   rank 0's answer (plus "world_size" in info);  load  the version all ranks agree on
@@ -19,14 +19,19 @@ The answers have the shapes of the 1-rank Learner's:
 
 Calls may come from several driver threads: they reach every rank in the same order (a lock), as
 the ranks' collectives require. A learner failure is fatal: nothing is restarted here; the driver
-stops (cluster.stop_actors -> kill) and may resume the run from its last checkpoint.
+stops (cluster.stop_actors -> kill) and may resume the run from its last checkpoint. A rank that raises
+a VespoUserError (a checkpoint of another world size) fails the call with that error itself, so the
+CLI reports it as the user's to fix.
 """
 from __future__ import annotations
 
 import threading
 from typing import Callable, Dict, List
 
-from .learner_metrics import finish_train_metrics, merge_warmup
+from ..errors import VespoUserError
+from ..runtime import kill_actor, unwrap_ray_error
+from .metrics import finish_train_metrics, merge_warmup
+from .rank import Learner
 
 METHODS = ("train_batch", "publish_weights", "info", "warmup", "save", "load")
 
@@ -83,10 +88,11 @@ def _collect(method: str, setup_refs: list, refs: list):
         ref = ready[0]
         try:
             value = ray.get(ref)
-        except Exception as exc:  # RayTaskError (the rank raised) or RayActorError (it died)
+        except ray.exceptions.RayError as exc:  # RayTaskError (the rank raised) or RayActorError (it died)
             what = "set-up" if ref in setup_refs else method
-            cause = getattr(exc, "cause", None)  # a RayTaskError carries the rank's own exception
-            cause = cause if isinstance(cause, BaseException) else exc
+            cause = unwrap_ray_error(exc)  # a RayTaskError carries the rank's own exception
+            if isinstance(cause, VespoUserError):
+                raise cause from None
             trace = f"\n--- the rank's traceback ---\n{exc}" if cause is not exc else ""
             raise LearnerFailed(f"learner rank {index[ref]} of {len(refs)} failed in {what}: "
                                 f"{type(cause).__name__}: {cause}{trace}") from None
@@ -130,8 +136,6 @@ class LearnerGroup:
     def __init__(self, cfg, options: dict):
         import ray
 
-        from .learner import Learner
-
         world = cfg.actor.num_workers
         self.lock = threading.Lock()
         cls = ray.remote(Learner).options(**options)
@@ -141,7 +145,10 @@ class LearnerGroup:
         else:
             self.ranks = [cls.remote(cfg, rank, world) for rank in range(world)]
             # rank 0's node hosts the rendezvous; DeepSpeed's init is collective, so all ranks at once
-            addr, port = ray.get(self.ranks[0].endpoint.remote())
+            try:
+                addr, port = ray.get(self.ranks[0].endpoint.remote())
+            except ray.exceptions.RayActorError as exc:
+                raise LearnerFailed(f"learner rank 0 of {world} failed to start: {exc}") from None
             self.setup_refs = [a.setup.remote(addr, port) for a in self.ranks]
         for name in METHODS:
             setattr(self, name, _Method(self, name))
@@ -152,10 +159,5 @@ class LearnerGroup:
 
     def kill(self) -> None:
         """End every rank (a rank left blocked in a collective would never return)."""
-        import ray
-
         for a in self.ranks:
-            try:
-                ray.kill(a)
-            except Exception:
-                pass
+            kill_actor(a)

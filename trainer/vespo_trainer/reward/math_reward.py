@@ -20,7 +20,7 @@ import logging
 # start, outside the per-call time limit.
 from math_verify import parse, verify
 
-from .data import last_boxed
+from ..data.verl import last_boxed
 
 for _name in ("math_verify", "math_verify.parser", "math_verify.grader"):  # "Timeout is disabled" warnings:
     logging.getLogger(_name).setLevel(logging.ERROR)                      # the pool's timer does the timing out

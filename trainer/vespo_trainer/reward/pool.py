@@ -28,8 +28,10 @@ import signal
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..errors import ConfigError
+
 _FN_CACHE: Dict[str, Callable] = {}
-BUILTIN = {"arith": "vespo_trainer.task:arith_reward", "math": "vespo_trainer.math_reward:compute_score"}
+BUILTIN = {"arith": "vespo_trainer.data.arith:arith_reward", "math": "vespo_trainer.reward.math_reward:compute_score"}
 VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
 
 
@@ -45,9 +47,9 @@ def resolve_fn(spec: str) -> Callable:
         try:
             fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"reward.function: {spec!r} cannot be imported: {exc}") from None
+            raise ConfigError(f"reward.function: {spec!r} cannot be imported: {exc}") from None
         if not callable(fn):
-            raise ValueError(f"reward.function: {spec!r} is not callable")
+            raise ConfigError(f"reward.function: {spec!r} is not callable")
         _FN_CACHE[spec] = fn
     return fn
 

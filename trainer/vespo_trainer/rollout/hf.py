@@ -1,6 +1,6 @@
 """Rollout worker: samples responses with Hugging Face `generate` and reports per-token log-probs.
 
-Each call gets prompt groups and returns a batch of padded tensors (see `Batch` in samples.py) with,
+Each call gets prompt groups and returns a batch of padded tensors (`Batch`, batch.py) with,
 per sample, a unique id, its prompt id, the policy version that generated every token, the
 response ids, the mask (up to and including EOS) and the behaviour log-probs: log-softmax of the
 raw logits the sampler drew from, at the sampling temperature, computed by vespo_ext.token_logprobs.
@@ -17,17 +17,24 @@ from typing import List, Optional
 
 import torch
 
-from .model import load_policy
-from .runtime import quiet_libraries, set_threads, stable_seed
-from .task import Prompt, make_tokenizer
+import vespo_ext
+
+from ..batch import Batch, pack_responses
+from ..data.prompt import Prompt
+from ..model import load_policy
+from ..runtime import quiet_libraries, set_threads, stable_seed, use_cuda
+from ..tokenizer import make_tokenizer
+from ..weight_sync import load_buckets
 
 
-class RolloutWorker:
+class HFRolloutWorker:
+    """rollout.backend=hf (rollout.base.RolloutBackend)."""
+
     def __init__(self, cfg, rank: int):
         quiet_libraries()
         self.cfg, self.rank = cfg, rank
         self.threads = set_threads(cfg.trainer.num_threads)
-        self.device = torch.device("cuda" if _want_cuda(cfg) else "cpu")
+        self.device = torch.device("cuda" if use_cuda(cfg) else "cpu")
         self.tok = make_tokenizer(cfg)
         self.model = load_policy(cfg, self.tok, dtype=cfg.rollout.dtype).to(self.device).eval()
         self.version = -1  # no weights from the learner yet
@@ -39,8 +46,6 @@ class RolloutWorker:
     def update_weights(self, refs: List, version: int) -> dict:
         """Load new weights. Generation in flight pauses at its next token (partial rollout) or, when it is
         not interruptible, this waits for its current segment to end; either way no token mixes versions."""
-        from .weight_sync import load_buckets
-
         t0 = time.perf_counter()
         with self._cv:
             self._pause = True
@@ -60,7 +65,7 @@ class RolloutWorker:
 
     @torch.no_grad()
     def generate(self, prompts: List[Prompt], step: int, uid_base: int, *, group_uids: Optional[List[int]] = None,
-                 interruptible: bool = False) -> dict:
+                 interruptible: bool = False) -> Batch:
         """All rollout.n responses of each prompt.
 
         Sample ids are uid_base + row (contiguous), or group_uids[i] + j for response j of prompt i.
@@ -109,7 +114,6 @@ class RolloutWorker:
 
     def _sample(self, seqs: List[List[int]], max_new: int, seed: int, interruptible: bool) -> tuple:
         """One generate call: (new tokens (B, l), their behaviour log-probs (B, l)) at the sampling temperature."""
-        import vespo_ext
         from transformers import GenerationConfig, StoppingCriteriaList
 
         rc = self.cfg.rollout
@@ -131,49 +135,8 @@ class RolloutWorker:
         logits = torch.stack(out.logits, 1).float()
         return new.cpu(), vespo_ext.token_logprobs(logits, new, temperature=rc.temperature).cpu()
 
-def pack_responses(tok, n: int, prompts: List[Prompt], prompt_tok, toks, logps, vers, uid_base: int,
-                   group_uids: Optional[List[int]]) -> dict:
-    """The batch of one generate call, from per-response token / log-prob / version lists (any engine):
-    prompts left-padded, responses right-padded, the mask up to and including EOS."""
-    B = len(toks)
-    prompt_ids, prompt_mask = tok.pad_left(prompt_tok)
-    L = max(1, max(len(t) for t in toks))
-    responses = torch.full((B, L), tok.pad_token_id, dtype=torch.long)
-    old_logp = torch.zeros((B, L), dtype=torch.float32)
-    token_version = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.bool)
-    for i, (t, lp, v) in enumerate(zip(toks, logps, vers)):
-        k = len(t)
-        if k:
-            responses[i, :k] = torch.tensor(t)
-            old_logp[i, :k] = torch.tensor(lp)
-            token_version[i, :k] = torch.tensor(v)
-            token_version[i, k:] = v[-1]
-            mask[i, :k] = True
-    if group_uids is None:
-        uid = torch.arange(uid_base, uid_base + B, dtype=torch.long)
-    else:
-        uid = torch.tensor([g + j for g in group_uids for j in range(n)], dtype=torch.long)
-    eos = set(tok.eos_token_ids)
-    ended = [bool(t) and t[-1] in eos for t in toks]
-    return {
-        "input_ids": torch.cat([prompt_ids, responses], 1),   # (B, P + L) prompt (left-padded) + response
-        "attention_mask": torch.cat([prompt_mask, mask.long()], 1),
-        "prompt_len": prompt_ids.shape[1],
-        "responses": responses,                                # (B, L)
-        "response_mask": mask,                                 # (B, L) bool: tokens up to and incl. EOS
-        "old_logp": old_logp,                                  # (B, L) behaviour log-probs (rollout engine)
-        "token_version": token_version,                        # (B, L) policy version that sampled each token
-        "uid": uid,
-        "prompt_id": torch.tensor([p.prompt_id for p in prompts], dtype=torch.long).repeat_interleave(n),
-        "texts": [tok.decode(t) for t in toks],
-        "prompts": [p.text for p in prompts for _ in range(n)],
-        "ground_truths": [p.ground_truth for p in prompts for _ in range(n)],
-        "stats": {"ended_frac": sum(ended) / max(B, 1), "response_tokens": int(mask.sum())},
-    }
 
-
-def _pause_criteria(worker: RolloutWorker):
+def _pause_criteria(worker: HFRolloutWorker):
     """A transformers stopping criterion: stop every row once a weight update is waiting (partial rollout)."""
     from transformers import StoppingCriteria
 
@@ -183,8 +146,3 @@ def _pause_criteria(worker: RolloutWorker):
             return torch.full((input_ids.shape[0],), worker._pause, dtype=torch.bool, device=input_ids.device)
 
     return PauseCriteria()
-
-
-def _want_cuda(cfg) -> bool:
-    return cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
-

@@ -2,7 +2,7 @@
 A small, fast smoke test of the fused kernels, meant to run under compute-sanitizer:
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python benchmarks/cuda_smoke.py
+        python tests/cuda_smoke.py
 
 (without torch's caching allocator every tensor is its own cudaMalloc, so an out-of-bounds access
 lands outside an allocation and memcheck sees it). For each shape it runs the fused forward+backward
