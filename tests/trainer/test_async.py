@@ -18,8 +18,9 @@ ASYNC = ("trainer.mode=async",)
 
 
 def _records(run_dir):
+    """The complete records (a run still writing may have its last line half written)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+        return [json.loads(ln) for ln in f if ln.strip() and ln.endswith("\n")]
 
 
 def _provenance(run_dir):
@@ -110,7 +111,8 @@ def test_max_lag_drops_and_counts_older_samples(tmp_path, ray_cluster):
     from vespo_trainer.loops.run import train
 
     run = train(load_tiny(tmp_path / "d", *ASYNC, "trainer.total_steps=6", "data.train_batch_size=1",
-                          "actor.ppo_mini_batch_size=1", "async.staleness_threshold=1", "async.max_lag=0"))
+                          "actor.ppo_mini_batch_size=1", "async.staleness_threshold=1", "async.max_lag=0",
+                          "async.trigger_parameter_sync_step=1"))
     recs = _records(run)
     assert [r["step"] for r in recs] == list(range(6))
     assert all(r["staleness/max"] == 0 for r in recs)

@@ -115,6 +115,23 @@ def test_dry_run_prints_the_plan(capsys):
     assert "start a local Ray" in out
 
 
+def test_async_defaults_overlap_and_on_policy_is_explicit(capsys):
+    """trainer.mode=async alone runs the setting the benchmark found fastest (trigger 4, threshold 0.5), and the
+    dry run says what lag it allows; on-policy async (= sync N=1) is an explicit setting."""
+    cfg = load_config(None, ["trainer.mode=async"])
+    assert (cfg.async_.trigger_parameter_sync_step, cfg.async_.staleness_threshold) == (4, 0.5)
+    assert cfg.async_window == 48 and cfg.async_max_lag == 5  # ceil(1.5 x 4 x 8 / 8) - 1, as measured (README)
+    assert cli.main(["train", "--dry-run", "trainer.mode=async"]) == 0
+    out = capsys.readouterr().out
+    assert "trained at most 5 optimizer steps after the weights that generated it" in out
+    assert "on-policy instead: async.trigger_parameter_sync_step=1 async.staleness_threshold=0" in out
+    on = ["trainer.mode=async", "async.trigger_parameter_sync_step=1", "async.staleness_threshold=0"]
+    assert load_config(None, on).async_max_lag == 0
+    assert cli.main(["train", "--dry-run", *on]) == 0
+    out = capsys.readouterr().out
+    assert "at most 0 optimizer steps" in out and "on-policy (= sync N=1)" in out and "every 1 optimizer step," in out
+
+
 def test_dry_run_with_ray_address(capsys, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert cli.main(["train", "--dry-run"]) == 0
@@ -139,8 +156,10 @@ def test_paper_configs_dry_run(path, capsys):
     cfg = load_config(path, check_paths=False)
     assert cfg.model.path.endswith("Qwen3-30B-A3B-Base") and cfg.rollout.n == 8 and cfg.actor.lr == 1e-6
     assert cfg.algorithm.agg == "token-mean" and cfg.reward.function == "math"
+    assert "  gpus          " in out
     if cfg.trainer.mode == "async":
         assert (cfg.async_.trigger_parameter_sync_step, cfg.async_.staleness_threshold) == (4, 1.0)
+        assert cfg.actor.num_workers == 16 and "learner 16 x 1 + rollout 48 x 1 = 64 GPUs" in out
     else:
         assert cfg.staleness in (8, 16, 32, 64) and f"n{cfg.staleness}" in os.path.basename(path)
 

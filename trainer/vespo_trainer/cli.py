@@ -12,10 +12,12 @@ A user-fixable error (errors.VespoUserError) of any subcommand ends here: its me
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from typing import List, Optional
 
+from . import __version__
 from .errors import VespoUserError
 
 DEPS = {"train": ("omegaconf", "ray", "deepspeed", "transformers", "rich"), "plot": ("matplotlib",),
@@ -28,6 +30,7 @@ def plan_text(cfg) -> str:
     from .cluster import ray_address
     from .config import missing_paths
     from .data.tasks import load_prompts
+    from .metrics_log import plural
     from .tokenizer import make_tokenizer
 
     missing = missing_paths(cfg)
@@ -48,22 +51,28 @@ def plan_text(cfg) -> str:
     addr = ray_address(cfg)
     if cfg.trainer.mode == "async":
         ac, S = cfg.async_, cfg.async_.trigger_parameter_sync_step * cfg.async_step_groups
+        lag = cfg.async_max_lag
         mode = [
-            f"  mode          async: an optimizer step per {cfg.async_step_groups} prompt groups "
-            f"({ac.require_batches} x {mb}); weights pushed every {ac.trigger_parameter_sync_step} steps "
+            f"  mode          async: an optimizer step per {plural(cfg.async_step_groups, 'prompt group')} "
+            f"({ac.require_batches} x {mb}); weights pushed every {plural(ac.trigger_parameter_sync_step, 'step')} "
             f"(S = {S} groups per push)",
-            f"  window        at most (1 + {ac.staleness_threshold:g}) x {S} = {cfg.async_window} groups started but "
-            f"not trained when a push lands; {cfg.rollout_chunk} groups per generate call; partial rollout "
-            f"{'on' if ac.partial_rollout else 'off'}" + (f"; drop samples older than {ac.max_lag}" if ac.max_lag >= 0
-                                                          else ""),
+            f"  window        at most (1 + {ac.staleness_threshold:g}) x {S} = {plural(cfg.async_window, 'group')} "
+            f"started but not trained when a push lands; {plural(cfg.rollout_chunk, 'group')} per generate call; "
+            f"partial rollout {'on' if ac.partial_rollout else 'off'}"
+            + (f"; drop samples older than {ac.max_lag}" if ac.max_lag >= 0 else ""),
+            f"  lag           a sample is trained at most {plural(lag, 'optimizer step')} after the weights that "
+            f"generated it (ceil({cfg.async_window} / {cfg.async_step_groups}) - 1"
+            + ("; a response that spans a push counts from its oldest token" if ac.partial_rollout else "")
+            + ("); on-policy (= sync N=1)" if lag == 0 else
+               "); on-policy instead: async.trigger_parameter_sync_step=1 async.staleness_threshold=0"),
         ]
         tb, N = cfg.async_step_groups, 1  # prompts and optimizer steps per step, for the lines below
-        push = f"every {ac.trigger_parameter_sync_step} optimizer steps"
+        push = f"every {plural(ac.trigger_parameter_sync_step, 'optimizer step')}"
     else:
         push = "after every step"
         mode = [
-            f"  mode          sync: staleness N = train_batch_size / ppo_mini_batch_size = {tb} / {mb} = {N} "
-            "optimizer steps per rollout step",
+            f"  mode          sync: staleness N = train_batch_size / ppo_mini_batch_size = {tb} / {mb} = "
+            f"{plural(N, 'optimizer step')} per rollout step",
             f"  lag           mini-batch k of a step trains on data k policy versions old: k = 0..{N - 1} "
             f"(expected mean {(N - 1) / 2:g}, max {N - 1})",
         ]
@@ -89,6 +98,7 @@ def plan_text(cfg) -> str:
             z=cfg.actor.zero_stage, lr=cfg.actor.lr, c=cfg.actor.num_cpus, r=cfg.rollout.num_workers,
             b=cfg.rollout.backend, d=cfg.rollout.dtype, t=cfg.rollout.temperature, rc=cfg.rollout.num_cpus,
             w=cfg.reward.num_workers, p=cfg.reward.num_procs, to=cfg.reward.timeout_s),
+        _gpu_line(cfg),
         f"  weight sync   {push}, buckets of <= {cfg.weight_sync.bucket_mb:g} MiB through Ray",
         f"  ray           {'join ' + addr if addr else 'start a local Ray'}"
         + (f" with {cfg.ray.num_cpus} CPUs" if not addr and cfg.ray.num_cpus else ""),
@@ -97,6 +107,21 @@ def plan_text(cfg) -> str:
     ]
     lines += [f"  NOT HERE      {m} (needed to train; everything else was validated)" for m in missing]
     return "\n".join(lines)
+
+
+def _gpu_line(cfg) -> str:
+    """The GPUs the actors ask for (-1: one each on cuda, shared when the cluster has fewer; none on cpu)."""
+    dev, w, r = cfg.trainer.device, cfg.actor.num_workers, cfg.rollout.num_workers
+    if dev == "cpu" and cfg.actor.num_gpus <= 0 and cfg.rollout.num_gpus <= 0:
+        return "  gpus          none (trainer.device=cpu)"
+    each = [(w, cfg.actor.num_gpus, "learner"), (r, cfg.rollout.num_gpus, "rollout")]
+    if dev == "auto" and any(g < 0 for _, g, _ in each):
+        return ("  gpus          one per learner rank and rollout worker when a GPU is visible "
+                f"({w} + {r}; fewer GPUs are shared), none otherwise (trainer.device=auto)")
+    parts = [(k, 1.0 if g < 0 else g, name) for k, g, name in each]
+    total = sum(k * g for k, g, _ in parts)
+    return ("  gpus          " + " + ".join(f"{name} {k} x {g:g}" for k, g, name in parts)
+            + f" = {total:g} GPUs" + (" (fewer: the -1 settings share them)" if any(g < 0 for _, g, _ in each) else ""))
 
 
 def config_help_text(cfg) -> str:
@@ -113,7 +138,8 @@ def config_help_text(cfg) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vespo", description="VESPO off-policy RL training (Ray + DeepSpeed).")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"vespo {__version__}")
+    sub = p.add_subparsers(dest="command")
     t = sub.add_parser("train", help="train (or resume) a policy",
                        description="Train with the embedded default, a YAML config and/or key=value overrides, "
                                    "e.g. `vespo train trainer.total_steps=50 algorithm.loss=grpo`.")
@@ -151,7 +177,11 @@ def _missing_deps(command: str) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `vespo`
+        parser.print_help()
+        return 0
     missing = _missing_deps(args.command)
     if missing:
         print(f"vespo {args.command} needs {', '.join(missing)}: pip install \"vespo[train]\" "
@@ -199,21 +229,35 @@ def _train(args) -> int:
     from .loops import run
     from .loops.interrupt import Interrupted, TrainingAborted
 
-    resume = f"trainer.resume=true trainer.output_dir={cfg.trainer.output_dir}"
     try:
         run_dir = run.train(cfg)
     except Interrupted as exc:
-        print(f"vespo: {exc}; continue with {resume}", file=sys.stderr)
+        print(f"vespo: {exc}; {_resume_hint(cfg)}", file=sys.stderr)
         return 130
     except TrainingAborted as exc:
         print(f"vespo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"vespo: stopped at once (no checkpoint written now); continue from the last one with {resume}",
-              file=sys.stderr)
+        print(f"vespo: stopped at once (no checkpoint written now); {_resume_hint(cfg)}", file=sys.stderr)
         return 130
     print(f"done: {run_dir}  (curves: vespo plot {run_dir})")
     return 0
+
+
+def _resume_hint(cfg) -> str:
+    """What is true after a stop: a checkpoint to continue from, or none yet."""
+    from . import checkpoint as ckpt
+
+    run_dir = cfg.trainer.output_dir  # set by the run when it was null
+    try:
+        tag = ckpt.latest(run_dir) if run_dir else None
+    except VespoUserError:
+        tag = None
+    if tag is None:
+        return "no checkpoint was written yet: run the same command again to start over" + \
+            (f" (with another trainer.output_dir, or after removing {run_dir})" if run_dir and
+             os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else "")
+    return f"continue from {tag} with trainer.resume=true trainer.output_dir={run_dir}"
 
 
 COMMANDS = {"train": _train, "export": _export, "data": _data, "plot": _plot}

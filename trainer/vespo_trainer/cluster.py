@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List
@@ -17,9 +18,45 @@ def ray_address(cfg):
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def ray_address_file() -> str:
+    """Where `ray start` records the head's address (what Ray joins when given no address)."""
+    tmp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    return os.path.join(tmp or "/tmp", "ray", "ray_current_cluster")
+
+
+def check_reachable(address: str, timeout_s: float, source: str) -> None:
+    """ResourceError naming `address` (host:port, ray://host:port or auto; given by `source`) unless something
+    accepts a TCP connection there within timeout_s; Ray itself would retry for minutes."""
+    import socket
+
+    where = address
+    if address == "auto":  # the address `ray start` wrote into Ray's address file
+        path = ray_address_file()
+        try:
+            with open(path) as f:
+                where = f.read().strip()
+        except OSError:
+            raise ResourceError(f"ray.address=auto: no running Ray found ({path} is missing); start one with "
+                                "`ray start --head`, or leave ray.address and RAY_ADDRESS unset for a local Ray") \
+                from None
+    hostport = where.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ResourceError(f"Ray address {address!r}: expected host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ResourceError(
+            f"Ray address {where} (from {source}) does not answer within "
+            f"{timeout_s:g}s ({exc}); is the cluster up? Unset RAY_ADDRESS and ray.address to start a local Ray "
+            "instead (ray.connect_timeout_s sets the wait)") from None
+
+
 @contextmanager
 def ray_session(cfg):
-    """Use the Ray already initialised in this process, or connect/start one (and shut down only that)."""
+    """Use the Ray already initialised in this process, join ray.address / $RAY_ADDRESS (after checking that
+    it answers), or start a local Ray of our own (address="local": never the one in Ray's address file,
+    which may name a head that is long gone). Shuts down only what it started."""
     import ray
 
     started = False
@@ -27,8 +64,10 @@ def ray_session(cfg):
         address = ray_address(cfg)
         kw = {"include_dashboard": False, "log_to_driver": cfg.ray.log_to_driver}
         if address is None:
-            kw["num_cpus"] = cfg.ray.num_cpus
-        ray.init(address=address, **kw)
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kw)
+        else:
+            check_reachable(address, cfg.ray.connect_timeout_s, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
+            ray.init(address=address, **kw)
         started = True
     try:
         yield

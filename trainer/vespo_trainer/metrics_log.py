@@ -12,6 +12,11 @@ METRICS_FILE = "metrics.jsonl"
 PROVENANCE_FILE = "provenance.jsonl"
 
 
+def plural(n, word: str, words: str = "") -> str:
+    """'1 thread', '2 threads' (words: an irregular plural)."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {words or word + 's'}"
+
+
 def _truncate_jsonl(path: str, keep_below_step: int) -> None:
     """Keep only the records of steps < keep_below_step (a resumed run rewrites the rest)."""
     if not os.path.exists(path):
@@ -20,6 +25,18 @@ def _truncate_jsonl(path: str, keep_below_step: int) -> None:
         lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] < keep_below_step]
     with open(path, "w") as f:
         f.writelines(lines)
+
+
+def _append_line(path: str, line: str) -> None:
+    """One record, appended with a single write (O_APPEND), so a reader of the growing file never meets
+    two records interleaved, and at most the last line unfinished."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        data = (line + "\n").encode()
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
 
 
 def _clean(v):
@@ -47,11 +64,9 @@ class RunLog:
     def log(self, step: int, metrics: Dict[str, float], lags: Optional[List[int]] = None,
             provenance: Optional[dict] = None) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_line(self.metrics_path, json.dumps(record))
         if self.prov_path and provenance is not None:
-            with open(self.prov_path, "a") as f:
-                f.write(json.dumps({"step": step, **provenance}) + "\n")
+            _append_line(self.prov_path, json.dumps({"step": step, **provenance}))
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):

@@ -7,6 +7,9 @@ from typing import List
 from .errors import RunNotFound
 from .metrics_log import METRICS_FILE, read_metrics
 
+YLABELS = {"reward": "reward", "loss": "loss / KL", "phi": "φ (VESPO's sequence weight)",
+           "w_seq": "W (sequence importance ratio)", "throughput": "tokens / s", "time": "seconds per step"}
+NOTES = {"phi": "φ(W) = W^k e^{λ(1-W)}: the weight of a sequence with importance ratio W (1 at W = 1)"}
 PANELS = {
     "reward": [("reward/mean", "mean reward")],
     "loss": [("actor/loss", "loss"), ("actor/approx_kl", "approx KL")],
@@ -26,6 +29,7 @@ def plot_run(run_dir: str) -> List[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(run_dir)
     out_dir = os.path.join(run_dir, "plots")
@@ -47,7 +51,10 @@ def plot_run(run_dir: str) -> List[str]:
                 else:
                     ax.plot(xs, vs, label=label)
         ax.set_xlabel("step")
+        ax.set_ylabel(YLABELS[name])
         ax.set_title(name.replace("_", " "))
+        if name in NOTES:
+            fig.text(0.01, 0.01, NOTES[name], fontsize=7, alpha=0.8)
         if name in ("w_seq", "throughput"):
             ax.set_yscale("log")
         if ax.get_legend_handles_labels()[0]:
@@ -67,6 +74,7 @@ def plot_run(run_dir: str) -> List[str]:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     if hist:
         ax.bar(list(hist), list(hist.values()))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # lags are whole policy versions
     ax.set_xlabel("lag (policy versions between generation and update)")
     ax.set_ylabel("samples")
     ax.set_title("staleness")

@@ -34,7 +34,7 @@ from .. import checkpoint as ckpt
 from ..batch import Batch, group_advantages, learner_view, merge_rollouts, select_rows
 from ..cluster import restart_reward, restart_rollout
 from ..data.prompt import PromptStream
-from ..metrics_log import RunLog
+from ..metrics_log import RunLog, plural
 from .common import batch_metrics, save_checkpoint, start_run
 from .interrupt import Interrupted, TrainingAborted, aborted
 
@@ -134,9 +134,10 @@ class AsyncDriver:
         if state is not None:
             self._restore(state)
         self.progress.print(
-            f"run dir {self.run_dir}: {info['params']:,} params, async: {cfg.async_step_groups} groups x {self.n} "
-            f"responses per optimizer step, weights pushed every {self.ac.trigger_parameter_sync_step} steps, "
-            f"at most {cfg.async_window} groups outstanding, {cfg.rollout_chunk} groups per generate call, "
+            f"run dir {self.run_dir}: {info['params']:,} params, async: {plural(cfg.async_step_groups, 'group')} x "
+            f"{plural(self.n, 'response')} per optimizer step, weights pushed every "
+            f"{plural(self.ac.trigger_parameter_sync_step, 'step')}, at most {plural(cfg.async_window, 'group')} "
+            f"outstanding, {plural(cfg.rollout_chunk, 'group')} per generate call, "
             f"partial rollout {'on' if self.ac.partial_rollout else 'off'}; learner on {info['device']} "
             f"(ZeRO-{info['zero_stage']}), loss kernels: {info['loss_kernels']}")
         pub = ray.get(self.actors.learner.publish_weights.remote(cfg.weight_sync.bucket_mb))
@@ -439,8 +440,8 @@ class AsyncDriver:
         path = os.path.join(ckpt.ckpt_root(self.run_dir), ckpt.tag_for(state["step"]), BUFFER_FILE)
         self.buffer = deque(torch.load(path, weights_only=False)) if a["buffer_groups"] else deque()
         self.outstanding = len(self.pending) + len(self.buffer)
-        self.progress.print(f"async state restored: {len(self.buffer)} buffered groups, {len(self.pending)} groups "
-                            "to re-issue")
+        self.progress.print(f"async state restored: {plural(len(self.buffer), 'buffered group')}, "
+                            f"{plural(len(self.pending), 'group')} to re-issue")
 
     def _write_pids(self) -> None:
         """run_dir/actors.json: the process id of every actor (for operators, and the fault tests)."""

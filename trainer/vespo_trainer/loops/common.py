@@ -14,7 +14,7 @@ from ..batch import Batch, split_groups
 from ..config import Config
 from ..data.arith import task_prompts, warmup_max_answer, warmup_texts
 from ..errors import ConfigError, RunDirExists
-from ..metrics_log import Progress
+from ..metrics_log import Progress, plural
 
 
 def resolve_run_dir(cfg: Config) -> str:
@@ -54,7 +54,7 @@ def start_run(cfg: Config, run_dir: str, actors, progress: Progress):
             pairs = [warmup_texts(prompts, cfg.task.warmup_batch_size, rng, warmup_max_answer(cfg.task))
                      for _ in range(cfg.task.warmup_steps)]
             w = ray.get(actors.learner.warmup.remote(pairs))
-            progress.print(f"format warm-up: {w['warmup/steps']} steps, loss {w['warmup/loss_first']:.3f} -> "
+            progress.print(f"format warm-up: {plural(w['warmup/steps'], 'step')}, loss {w['warmup/loss_first']:.3f} -> "
                            f"{w['warmup/loss_last']:.3f} ({w['warmup/seconds']:.1f}s)")
     if start_step >= tc.total_steps:
         progress.print(f"nothing to do: the run is at step {start_step} and trainer.total_steps={tc.total_steps}")

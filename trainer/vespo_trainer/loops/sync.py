@@ -19,7 +19,7 @@ import torch
 from ..batch import group_advantages, learner_view, merge_rollouts, split_groups
 from ..config import Config
 from ..data.prompt import PromptStream
-from ..metrics_log import Progress, RunLog
+from ..metrics_log import Progress, RunLog, plural
 from .common import batch_metrics, save_checkpoint, score_batch, start_run, sync_weights
 from .interrupt import GracefulInterrupt, Interrupted
 
@@ -34,7 +34,7 @@ def sync_loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: Grace
         stream.load_state_dict(state["data"])
     progress.print(f"run dir {run_dir}: {learner_info['params']:,} params, staleness N={cfg.staleness}, "
                    f"{tb}x{n} responses/step, learner on {learner_info['device']} "
-                   f"(ZeRO-{learner_info['zero_stage']}, {learner_info['threads']} threads), "
+                   f"(ZeRO-{learner_info['zero_stage']}, {plural(learner_info['threads'], 'thread')}), "
                    f"loss kernels: {learner_info['loss_kernels']}")
     sync_weights(cfg, actors)  # the rollout workers start from the learner's weights (fresh or restored)
     log = RunLog(run_dir, start_step, tc.tensorboard, tc.provenance)
