@@ -91,6 +91,6 @@ def test_build_info_of_an_installed_build():
     info = pytest.importorskip("vespo_ext._build_info", reason="not a pip-built install")
     assert info.version == vespo_ext.__version__
     assert info.cpu_clones == ("x86-64-v3", "default")
-    if info.cuda_built:
-        assert info.cuda_architectures.split(";") == ["80-real", "90-real", "90-virtual"]
-        assert info.cuda_runtime == "Static"
+    if info.cuda_built:  # the release archs are checked by tools/build_wheels.sh; a local build may differ
+        assert info.cuda_architectures and info.cuda_runtime == "Static"
+        assert _doctor._cuda_archs(info.cuda_architectures).startswith(("SASS", "PTX"))

