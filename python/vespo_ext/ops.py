@@ -19,8 +19,15 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._inputs import (check_cu_seqlens, check_ignore_index, check_logits_labels, check_temperature, contiguous_rows,
-                      pack_inputs, pack_logp_inputs)
+from ._inputs import (
+    check_cu_seqlens,
+    check_ignore_index,
+    check_logits_labels,
+    check_temperature,
+    contiguous_rows,
+    pack_inputs,
+    pack_logp_inputs,
+)
 from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 
 _NO_IGNORE = -(2**63)  # ignore_index that matches no label: every counted label must be in [0, V)
@@ -468,7 +475,7 @@ def token_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, return_e
         with torch.no_grad():
             return reference.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy,
                                             ignore_index=ignore_index)
-    shape, V = logits.shape[:-1], logits.shape[-1]
+    shape = logits.shape[:-1]
     flat = contiguous_rows(logits.detach())
     logp, entropy = torch.ops.vespo.token_logprobs(flat, labels.reshape(-1).to(torch.int64).contiguous(),
                                                    1.0 / temperature, bool(return_entropy), int(ignore_index))
