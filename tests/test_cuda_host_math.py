@@ -74,8 +74,7 @@ def test_cuda_forward_sum_unbiased_on_confident_rows(fwd_sum_output):
         # the pre-#18 single running sum, replayed the same way: the harness sees that bias
         assert r[(dt, "old")][0] > 1e-7, r[(dt, "old")]
         assert mx < 3e-7, (dt, mx)
-    # fp32 meets the 1e-8 per token. bf16 replays at -1.3e-8 (30x below the old 4e-7, and
-    # 2.7e-5 in log W over 2048 tokens against the 2e-4 budget): not from the exponential, the
-    # rescales or the block order (each replaced by exact double math, it stays), see README.
+    # the target, 1e-8 per token (measured +2.8e-9 fp32, -1.8e-9 bf16; the per-batch
+    # pairwise sum in fold matters for bf16: one sequential fp32 sum per thread gave -1.3e-8)
     assert abs(r[("fp32", "new")][0]) <= 1e-8, r[("fp32", "new")]
-    assert abs(r[("bf16", "new")][0]) <= 2e-8, r[("bf16", "new")]
+    assert abs(r[("bf16", "new")][0]) <= 1e-8, r[("bf16", "new")]

@@ -85,6 +85,7 @@ VESPO_SM_HD void fold(SmState& st, const float (&z)[N], Scale2 c2) {
     st.zmax = zm;
   }
   const float ref = ref_of(st.zmax);
+  float t[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     float d = scale2(z[j] - ref, c2);
@@ -92,9 +93,19 @@ VESPO_SM_HD void fold(SmState& st, const float (&z)[N], Scale2 c2) {
     const float e = fwd_exp2(d);
     const bool one = d == 0.f;  // a max element: counted exactly
     st.n += one ? 1.f : 0.f;
-    st.s += one ? 0.f : e;
+    t[j] = one ? 0.f : e;
     if (ENT) st.r = fmaf(e, d, st.r);
   }
+  // The batch's terms summed as a pairwise tree, then added to s once: a thread adds ~300 terms per
+  // row, and one sequential fp32 sum of them was biased on 16-bit logits (-1.3e-8 per token on
+  // confident bf16 rows in the host replay: their values repeat, so the roundings do not average out);
+  // the tree (same number of adds, more independent ones) leaves -2e-9.
+#pragma unroll
+  for (int w = 1; w < N; w *= 2) {
+#pragma unroll
+    for (int j = 0; j + w < N; j += 2 * w) t[j] += t[j + w];
+  }
+  st.s += t[0];
 }
 
 // One side of a merge: the state re-expressed relative to the merged max (d = its shift, <= 0).
