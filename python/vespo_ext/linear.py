@@ -308,8 +308,11 @@ def _lpl_backward(ctx, grad_loss, _g_metrics, _g_gh, _g_gw, _g_gb):
         return (None,) * 19
     need = ctx.needs_input_grad
     out = []
+    # In place in eager mode (no gradient-sized copy); out of place under tracing (compile, AOT), where
+    # the graph must stay functional.
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
     for g, want in zip(grads, (need[i] and ctx.flags[i] for i in range(3))):
-        out.append(g.mul_(grad_loss.to(g.dtype)) if want else None)
+        out.append(None if not want else g.mul_(grad_loss.to(g.dtype)) if eager else g * grad_loss.to(g.dtype))
     del grads
     return tuple(out) + (None,) * 16
 
