@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from ._inputs import _companions, check_norm, check_temperature
+from ._inputs import _companions, check_cu_seqlens, check_norm, check_temperature
 from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -466,7 +466,6 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None,
     chunk = _check_linear(hidden, weight, labels, bias, chunk_tokens)
     temperature = check_temperature(temperature)
     if cu_seqlens is not None:
-        from ._inputs import check_cu_seqlens
         check_cu_seqlens(cu_seqlens, labels.numel(), hidden.device)
     if hidden.dtype == torch.float64 or ops._use_reference(hidden):
         return reference.linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
