@@ -203,7 +203,7 @@ def test_import_does_not_pull_frameworks():
 def test_integrations_package_lists_adapters():
     import vespo_ext
 
-    assert set(vespo_ext.integrations.__all__) == {"verl", "trl"}
+    assert set(vespo_ext.integrations.__all__) == {"verl", "trl", "hf"}
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -10,6 +10,7 @@ import torch
 
 import vespo_ext
 from vespo_ext import AGGS, LOSSES, METRIC_NAMES
+from vespo_ext import linear as _linear  # noqa: F401  (registers the vespo::linear_* ops)
 from vespo_ext import reference as R
 
 from conftest import assert_grad_close, assert_loss_close, assert_metrics_close
@@ -399,3 +400,14 @@ def test_second_backward_through_the_same_graph_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward through the same graph twice"):
         loss.backward()
+
+
+def test_opcheck():
+    """torch.library.opcheck of both ops (schema, autograd registration, fake tensors, AOT dispatch). The
+    gradient outputs are still held by opcheck here, so the backward scales them out of place."""
+    inp = make_linear([3, 4, 3])
+    h, w, b = (inp[k].clone().requires_grad_(True) for k in _PARAMS)
+    args = (h, w, b, inp["labels"], inp["old_logp"], inp["advantages"], inp["mask"], inp["cu_seqlens"], None, None,
+            1.0, 0, [2.0, 3.0, 3.0, 2.0], 0, 0.0, 4, True, True, True)
+    torch.library.opcheck(torch.ops.vespo.linear_policy_loss.default, args)
+    torch.library.opcheck(torch.ops.vespo.linear_token_logprobs.default, (h, w, b, inp["labels"], 1.0, True, -100, 4))

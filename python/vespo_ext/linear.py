@@ -27,13 +27,14 @@ Deterministic: fixed chunk order, fixed GEMM shapes, no atomics (bitwise for a g
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import ops, reference
-from ._inputs import _companions, check_norm, check_temperature
+from ._inputs import _companions, check_cu_seqlens, check_norm, check_temperature
 from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -295,6 +296,7 @@ def _lpl_setup(ctx, inputs, output):
     # by the graph, and autograd would clone each of them, weight-sized for the weight).
     # Detached aliases: no ctx -> output -> grad_fn -> ctx cycle, and a fresh TensorImpl to hand over.
     ctx.grads = [g.detach() for g in output[2:]]
+    ctx.visible = [weakref.ref(g) for g in output[2:]]  # the op's own outputs: dead once the caller drops them
     ctx.flags = inputs[16:19]
     ctx.set_materialize_grads(False)  # else autograd allocates zeros for the unused outputs, weight-sized
 
@@ -308,8 +310,13 @@ def _lpl_backward(ctx, grad_loss, _g_metrics, _g_gh, _g_gw, _g_gb):
         return (None,) * 19
     need = ctx.needs_input_grad
     out = []
+    # In place (no gradient-sized copy) in eager mode once nobody holds the op's gradient outputs (the public
+    # functions drop them); out of place under tracing (compile, AOT: the graph stays functional) or when a
+    # direct caller of the op still holds them.
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and \
+        all(r() is None for r in ctx.visible)
     for g, want in zip(grads, (need[i] and ctx.flags[i] for i in range(3))):
-        out.append(g.mul_(grad_loss.to(g.dtype)) if want else None)
+        out.append(None if not want else g.mul_(grad_loss.to(g.dtype)) if eager else g * grad_loss.to(g.dtype))
     del grads
     return tuple(out) + (None,) * 16
 
@@ -459,7 +466,6 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None,
     chunk = _check_linear(hidden, weight, labels, bias, chunk_tokens)
     temperature = check_temperature(temperature)
     if cu_seqlens is not None:
-        from ._inputs import check_cu_seqlens
         check_cu_seqlens(cu_seqlens, labels.numel(), hidden.device)
     if hidden.dtype == torch.float64 or ops._use_reference(hidden):
         return reference.linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
