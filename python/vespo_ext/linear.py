@@ -201,6 +201,8 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     f32 = {"dtype": torch.float32, "device": dev}
     need_grad = need_gh or need_gw or need_gb
     logp, lse, dlogp = torch.empty(T, **f32), torch.empty(T, **f32), torch.zeros(T, **f32)
+    # the backward forms p from (row max, log-sum), shift-invariantly, as policy_loss does
+    row_max, log_sum = (torch.empty(T, **f32), torch.empty(T, **f32)) if need_grad else (None, None)
     cu_host = cu_seqlens.cpu().tolist()
     if need_grad:
         plan = _plan(cu_host, chunk_tokens)
@@ -216,7 +218,9 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
         nonlocal k_piece
         z = head.logits(s, e)
         ops.rows_logprob_fwd(z, labels[s:e], None if mask is None else mask[s:e], logp[s:e], lse[s:e], None,
-                             bad[k_piece:k_piece + 1], inv_temperature)
+                             bad[k_piece:k_piece + 1], inv_temperature,
+                             row_max=None if row_max is None else row_max[s:e],
+                             log_sum=None if log_sum is None else log_sum[s:e])
         k_piece += 1
         return z
 
@@ -257,7 +261,7 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
         def bwd(z, s, e):
             ops.rows_logprob_bwd(z, labels[s:e], None if mask is None else mask[s:e], logp[s:e], lse[s:e],
-                                 dlogp[s:e], z, inv_temperature)
+                                 dlogp[s:e], z, inv_temperature, row_max=row_max[s:e], log_sum=log_sum[s:e])
             head.accumulate(z, s, e)
 
         for kind, s, e, i0, i1 in plan:

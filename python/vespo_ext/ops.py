@@ -154,23 +154,29 @@ def _seq_reduce(mod, la: dict, logp: Tensor, old_logp, advantages, mask, cu_seql
 # functions and _seq_reduce are the only places outside the custom ops below that call the binding.
 def rows_logprob_fwd(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor,
                      entropy: Optional[Tensor], bad: Tensor, inv_temperature: float,
-                     ignore_index: int = _NO_IGNORE) -> None:
-    """logprob_fwd on a (n, V) row slice: writes logp, lse (and entropy) (n,) float32; bad (1,) int64
-    receives (row + 1) of a counted row with an out-of-range label (0 = none); no host sync."""
+                     ignore_index: int = _NO_IGNORE, row_max: Optional[Tensor] = None,
+                     log_sum: Optional[Tensor] = None) -> None:
+    """logprob_fwd on a (n, V) row slice: writes logp, lse (and entropy, and row_max/log_sum when
+    given: both or neither) (n,) float32; bad (1,) int64 receives (row + 1) of a counted row with an
+    out-of-range label (0 = none); no host sync."""
     with _guard(logits):
         _backend.module_for(logits.device).logprob_fwd(
             _dl(logits), _dl(labels), _dl(mask), logp, lse, entropy, bad, inv_temperature=inv_temperature,
-            ignore_index=ignore_index, **_launch(logits))
+            ignore_index=ignore_index, row_max=row_max, log_sum=log_sum, **_launch(logits))
 
 
 def rows_logprob_bwd(logits: Tensor, labels: Tensor, mask: Optional[Tensor], logp: Tensor, lse: Tensor,
                      dlogp: Tensor, grad: Tensor, inv_temperature: float, ignore_index: int = _NO_IGNORE,
-                     scale: Optional[Tensor] = None) -> None:
-    """logprob_bwd on a (n, V) row slice: grad = scale * dlogp * (onehot - p) / tau (grad may be logits)."""
+                     scale: Optional[Tensor] = None, row_max: Optional[Tensor] = None,
+                     log_sum: Optional[Tensor] = None) -> None:
+    """logprob_bwd on a (n, V) row slice: grad = scale * dlogp * (onehot - p) / tau (grad may be logits).
+    With the forward's (row_max, log_sum) p is formed shift-invariantly (as policy_loss does); from
+    lse alone otherwise."""
     with _guard(logits):
         _backend.module_for(logits.device).logprob_bwd(
             _dl(logits), _dl(labels), _dl(mask), _dl(logp), _dl(lse), _dl(dlogp), scale, _dl(grad),
-            inv_temperature=inv_temperature, ignore_index=ignore_index, **_launch(logits))
+            inv_temperature=inv_temperature, ignore_index=ignore_index, row_max=_dl(row_max),
+            log_sum=_dl(log_sum), **_launch(logits))
 
 
 def rows_seq_reduce(logp, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm, loss_type: int,
@@ -207,16 +213,6 @@ def _(logits, labels, old_logp, advantages, mask, cu_seqlens, rollout_is_weights
     return (logits.new_empty((), dtype=torch.float32), logits.new_empty((T,), **f32), logits.new_empty((T,), **f32),
             logits.new_empty((T,), **f32), logits.new_empty((len(METRIC_NAMES),), **f32), logits.new_empty((T,), **f32),
             logits.new_empty((T,), **f32))
-
-
-def _bwd_into(grad: Tensor, logits, labels, mask, logp, lse, dlogp, grad_loss, inv_temperature) -> None:
-    """The pre-#18 backward call from lse alone (kept for callers written against it): prefer
-    _logprob_bwd_kernel with the forward's (row_max, log_sum), which is shift-invariant."""
-    mod = _backend.module_for(logits.device)
-    scale = grad_loss.detach().reshape(1).to(torch.float32).contiguous()
-    with _guard(logits):
-        mod.logprob_bwd(_dl(logits), _dl(labels), _dl(mask), _dl(logp), _dl(lse), _dl(dlogp), scale, _dl(grad),
-                        inv_temperature=inv_temperature, ignore_index=_NO_IGNORE, **_launch(logits))
 
 
 # ---------------------------------------------------------------------------------------------
