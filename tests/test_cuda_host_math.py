@@ -12,16 +12,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-@pytest.fixture(scope="module")
-def exp2_output(tmp_path_factory):
+def _build_and_run(tmp_path_factory, name: str, run_timeout: int) -> str:
+    """Compile tests/cuda_host/<name>.cu with nvcc as host code, run it, return its stdout."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
-    exe = str(tmp_path_factory.mktemp("exp2") / "exp2_check")
-    src = os.path.join(HERE, "cuda_host", "exp2_poly_check.cu")
+    exe = str(tmp_path_factory.mktemp(name) / name)
+    src = os.path.join(HERE, "cuda_host", name + ".cu")
     subprocess.run([nvcc, "-O2", "-std=c++17", "-I", os.path.join(ROOT, "csrc", "include"), src, "-o", exe],
                    check=True, capture_output=True, timeout=300)
-    return subprocess.run([exe], check=True, capture_output=True, text=True, timeout=120).stdout
+    return subprocess.run([exe], check=True, capture_output=True, text=True, timeout=run_timeout).stdout
+
+
+@pytest.fixture(scope="module")
+def exp2_output(tmp_path_factory):
+    return _build_and_run(tmp_path_factory, "exp2_poly_check", 120)
 
 
 def test_exp2_poly_accuracy_and_no_bias(exp2_output):
@@ -48,14 +53,7 @@ def test_exp2_poly_special_values(exp2_output):
 
 @pytest.fixture(scope="module")
 def fwd_sum_output(tmp_path_factory):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found")
-    exe = str(tmp_path_factory.mktemp("fwdsum") / "fwd_sum_check")
-    src = os.path.join(HERE, "cuda_host", "fwd_sum_check.cu")
-    subprocess.run([nvcc, "-O2", "-std=c++17", "-I", os.path.join(ROOT, "csrc", "include"), src, "-o", exe],
-                   check=True, capture_output=True, timeout=300)
-    out = subprocess.run([exe], check=True, capture_output=True, text=True, timeout=300).stdout
+    out = _build_and_run(tmp_path_factory, "fwd_sum_check", 300)
     rows = {}
     for ln in out.splitlines():
         if ln.startswith("bias"):
