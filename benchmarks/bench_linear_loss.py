@@ -34,7 +34,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 
 import vespo_ext
 from vespo_ext import reference as R
+from host_info import host_info  # benchmarks/host_info.py, a sibling module
 
 parser = argparse.ArgumentParser(description="fused linear + VESPO loss vs matmul + op / eager / Liger")
 parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -228,30 +228,13 @@ if args.mem_worker is not None:
 
 # -----------------------------------------------------------------------------
 def machine_info():
-    info = {"torch": torch.__version__, "python": platform.python_version(), "os_cpus": os.cpu_count(),
-            "threads": args.threads}
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        info["git"] = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        info["git"] = None
+    info = host_info(torch.__version__, args.threads)
     try:
         import liger_kernel  # noqa: F401
         from importlib.metadata import version
         info["liger_kernel"] = version("liger-kernel")
     except Exception:
         info["liger_kernel"] = None
-    try:
-        info["loadavg_start"] = open("/proc/loadavg").read().split()[:3]
-    except OSError:
-        pass
     if is_cuda:
         info["gpu"] = torch.cuda.get_device_name(device)
     info["name"] = info.get("gpu") or f"{info['cpu']} ({os.cpu_count()} CPUs)"

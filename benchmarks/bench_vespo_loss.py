@@ -27,7 +27,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import vespo_ext  # noqa: E402
+from host_info import host_info  # noqa: E402  (benchmarks/host_info.py, a sibling module)
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -106,20 +106,8 @@ def sync():
 
 
 def machine_info():
-    info = {"torch": torch.__version__, "vespo_ext": vespo_ext.__version__, "python": platform.python_version(),
-            "os_cpus": os.cpu_count(), "threads": args.threads}
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        info["git"] = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        info["git"] = None
+    info = host_info(torch.__version__, args.threads)
+    info["vespo_ext"] = vespo_ext.__version__
     try:  # which build of the extension ran (the installed one, not necessarily this checkout's HEAD)
         from vespo_ext import _backend
         mod = _backend.cuda() if is_cuda else _backend.core()
@@ -127,10 +115,6 @@ def machine_info():
         info["extension_built"] = datetime.datetime.fromtimestamp(os.path.getmtime(mod.__file__)).isoformat(
             timespec="seconds")
     except Exception:
-        pass
-    try:  # other work on a shared machine skews CPU timings: keep the load next to the numbers
-        info["loadavg_start"] = open("/proc/loadavg").read().split()[:3]
-    except OSError:
         pass
     if is_cuda:
         p = torch.cuda.get_device_properties(device)
