@@ -73,6 +73,13 @@ class TrainerConfig:
     log_every: int = _f(10, "plain progress: print a line every this many steps")
     tensorboard: bool = _f(True, "write TensorBoard event files under output_dir/tensorboard")
     provenance: bool = _f(True, "write provenance.jsonl: per-sample id, prompt id, versions and trained lag")
+    actor_timeout_s: float = _f(3600.0, "an actor call (generate, score, train_batch, a weight push, a checkpoint "
+                                        "save) that has not answered after this many seconds ends the run with an "
+                                        "error naming the actor and the resume hint (a hung actor would wait "
+                                        "forever); the start (model load, DeepSpeed/vLLM set-up and compilation, "
+                                        "checkpoint restore, warm-up, the first weight sync) is not timed; raise it "
+                                        "when one call can take longer (a sync step of a large model trains all N "
+                                        "mini-batches in one call); 0: no limit")
 
     def __post_init__(self):
         _check(self.total_steps >= 1, "trainer.total_steps", f"must be >= 1; got {self.total_steps}")
@@ -83,6 +90,8 @@ class TrainerConfig:
         _one_of(self.device, "trainer.device", ("auto", "cpu", "cuda"))
         _one_of(self.progress, "trainer.progress", ("auto", "rich", "plain", "none"))
         _check(self.log_every >= 1, "trainer.log_every", "must be >= 1")
+        _check(self.actor_timeout_s >= 0, "trainer.actor_timeout_s", f"must be >= 0 (0: no limit); got "
+                                                                      f"{self.actor_timeout_s}")
 
 
 @dataclass

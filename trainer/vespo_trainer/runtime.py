@@ -1,5 +1,5 @@
 """Small process-level helpers shared by the driver and the actors: the CUDA-or-not decision, threads, seeds,
-log noise, a free port, Ray's task errors unwrapped."""
+log noise, a free port, Ray's task errors unwrapped, a ray.get that gives up on a hung actor."""
 from __future__ import annotations
 
 import hashlib
@@ -35,6 +35,32 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
     """The exception an actor or task raised, out of Ray's RayTaskError (itself for anything else)."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
+
+
+class ActorTimeout(RuntimeError):
+    """Actor calls that did not answer within trainer.actor_timeout_s (`what` names each: actor and method)."""
+
+    def __init__(self, what: str, timeout_s: float):
+        super().__init__(f"{what} did not answer within trainer.actor_timeout_s={timeout_s:g}s (hung, or slower "
+                         "than that: raise trainer.actor_timeout_s, 0 waits forever)")
+        self.what, self.timeout_s = what, timeout_s
+
+
+def get_within(refs, what, timeout_s: float):
+    """ray.get(refs) (one ObjectRef or a list) that raises ActorTimeout naming the calls still unanswered after
+    timeout_s seconds (0 or None: wait forever). `what`: one name, or one per ref ("rollout worker 0 (generate)").
+    A call that failed is answered: ray.get raises its error as usual."""
+    import ray
+
+    many = isinstance(refs, list)
+    lst = refs if many else [refs]
+    if timeout_s and lst:
+        _, waiting = ray.wait(lst, num_returns=len(lst), timeout=timeout_s, fetch_local=False)
+        if waiting:
+            names = what if isinstance(what, list) else [what] * len(lst)
+            late = set(waiting)
+            raise ActorTimeout(", ".join(dict.fromkeys(n for r, n in zip(lst, names) if r in late)), timeout_s)
+    return ray.get(refs)
 
 
 def kill_actor(handle) -> None:

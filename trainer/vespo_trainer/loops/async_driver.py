@@ -35,6 +35,7 @@ from ..batch import Batch, group_advantages, learner_view, merge_rollouts, selec
 from ..cluster import restart_reward, restart_rollout
 from ..data.prompt import PromptStream
 from ..metrics_log import RunLog, plural
+from ..runtime import ActorTimeout, get_within
 from .common import batch_metrics, save_checkpoint, start_run
 from .interrupt import Interrupted, TrainingAborted, aborted
 
@@ -79,6 +80,47 @@ class Loading:
     worker: int
 
 
+def _call_name(rec) -> str:
+    """The actor and method of an ObjectRef in flight (for the hung-actor error)."""
+    if isinstance(rec, Generating):
+        return f"rollout worker {rec.worker} (generate)"
+    if isinstance(rec, Scoring):
+        return f"reward worker {rec.worker} (score)"
+    if isinstance(rec, Loading):
+        return f"rollout worker {rec.worker} (update_weights)"
+    return "the learner (train_batch)" if isinstance(rec, Training) else "the learner (publish_weights)"
+
+
+class Inflight(dict):
+    """ObjectRef -> record (Generating | Scoring | Training | Publishing | Loading), remembering when each
+    was issued: a call older than trainer.actor_timeout_s is a hung actor."""
+
+    def __init__(self):
+        super().__init__()
+        self.since = {}
+
+    def __setitem__(self, ref, rec) -> None:
+        super().__setitem__(ref, rec)
+        self.since[ref] = time.monotonic()
+
+    def __delitem__(self, ref) -> None:
+        super().__delitem__(ref)
+        self.since.pop(ref, None)
+
+    def pop(self, ref, *default):
+        self.since.pop(ref, None)
+        return super().pop(ref, *default)
+
+    def check(self, timeout_s: float) -> None:
+        """ActorTimeout naming every call in flight for longer than timeout_s (0: no limit)."""
+        if not timeout_s or not self.since:
+            return
+        now = time.monotonic()
+        late = [_call_name(self[ref]) for ref, t in self.since.items() if now - t > timeout_s]
+        if late:
+            raise ActorTimeout(", ".join(dict.fromkeys(late)), timeout_s)
+
+
 class Stage(enum.Enum):
     PUBLISH = "publish"  # the learner publishes its weights (queued behind the step that ends the window)
     DRAIN = "drain"      # published; without partial rollout, waiting for the generate calls in flight
@@ -112,7 +154,7 @@ class AsyncDriver:
         self.calls_scored = 0
         self.pending = deque()     # Groups to (re)issue before new ones
         self.buffer = deque()      # scored groups (a Batch of one group, with its rewards), oldest first
-        self.inflight = {}         # ObjectRef -> Generating | Scoring | Training | Publishing | Loading
+        self.inflight = Inflight()  # ObjectRef -> Generating | Scoring | Training | Publishing | Loading
         self.busy = [False] * len(actors.rollout)
         self.outstanding = 0       # groups started and not yet trained (or dropped)
         self.budget = 0            # groups the rollout side may still start in this window
@@ -140,6 +182,7 @@ class AsyncDriver:
             f"outstanding, {plural(cfg.rollout_chunk, 'group')} per generate call, "
             f"partial rollout {'on' if self.ac.partial_rollout else 'off'}; learner on {info['device']} "
             f"(ZeRO-{info['zero_stage']}), loss kernels: {info['loss_kernels']}")
+        # the first sync waits for the rollout workers' start-up (model load, engine set-up): not timed
         pub = ray.get(self.actors.learner.publish_weights.remote(cfg.weight_sync.bucket_mb))
         ray.get([w.update_weights.remote(pub["refs"], pub["version"]) for w in self.actors.rollout])
         self.applied, self.rollout_version = pub, pub["version"]
@@ -163,6 +206,7 @@ class AsyncDriver:
                 ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
                 for ref in ready:
                     self._handle(ref)
+                self.inflight.check(tc.actor_timeout_s)
         finally:
             self.log.close()
 
@@ -445,11 +489,11 @@ class AsyncDriver:
 
     def _write_pids(self) -> None:
         """run_dir/actors.json: the process id of every actor (for operators, and the fault tests)."""
-        import ray
-
+        limit = self.cfg.trainer.actor_timeout_s
         pids = {"driver": os.getpid(),
-                "rollout": ray.get([w.status.remote() for w in self.actors.rollout]),
-                "learner": ray.get(self.actors.learner.info.remote()).get("pid")}
+                "rollout": get_within([w.status.remote() for w in self.actors.rollout],
+                                      [f"rollout worker {i} (status)" for i in range(len(self.actors.rollout))], limit),
+                "learner": get_within(self.actors.learner.info.remote(), "the learner (info)", limit).get("pid")}
         pids["rollout"] = [s["pid"] for s in pids["rollout"]]
         with open(os.path.join(self.run_dir, "actors.json"), "w") as f:
             json.dump(pids, f)

@@ -15,6 +15,7 @@ from ..config import Config
 from ..data.arith import task_prompts, warmup_max_answer, warmup_texts
 from ..errors import ConfigError, RunDirExists
 from ..metrics_log import Progress, plural
+from ..runtime import get_within
 
 
 def resolve_run_dir(cfg: Config) -> str:
@@ -81,37 +82,37 @@ def batch_metrics(batch: Batch, rewards: torch.Tensor, out: dict, eos_ids, step_
     return m, lags, {**prov, "lag": lags, "reward": rewards.tolist()}
 
 
-def score_batch(actors, batch, prompts, n: int) -> dict:
+def score_batch(actors, batch, prompts, n: int, timeout_s: float) -> dict:
     """Split the responses between the reward workers; gather the rewards in order (rows: n per prompt, in order)."""
-    import ray
-
     sources = [p.data_source for p in prompts for _ in range(n)]
     extras = [p.extra_info for p in prompts for _ in range(n)]
     shares = split_groups(len(batch["texts"]), len(actors.reward))
-    outs = ray.get([w.score.remote([batch["prompts"][i] for i in r], [batch["texts"][i] for i in r],
-                                   [batch["ground_truths"][i] for i in r], [sources[i] for i in r],
-                                   [extras[i] for i in r]) for w, r in zip(actors.reward, shares)])
+    refs = [w.score.remote([batch["prompts"][i] for i in r], [batch["texts"][i] for i in r],
+                           [batch["ground_truths"][i] for i in r], [sources[i] for i in r],
+                           [extras[i] for i in r]) for w, r in zip(actors.reward, shares)]
+    outs = get_within(refs, [f"reward worker {i} (score)" for i in range(len(refs))], timeout_s)
     return {"rewards": [x for o in outs for x in o["rewards"]], "timeouts": sum(o["timeouts"] for o in outs),
             "errors": sum(o["errors"] for o in outs), "error_examples": [e for o in outs for e in o["error_examples"]]}
 
 
-def sync_weights(cfg, actors) -> tuple:
-    """Learner -> every rollout worker, bucketed through the object store; (seconds, MiB per worker)."""
-    import ray
-
+def sync_weights(cfg, actors, timed: bool = True) -> tuple:
+    """Learner -> every rollout worker, bucketed through the object store; (seconds, MiB per worker).
+    timed=False: the first sync of a run (it waits for the rollout workers' start-up), without the timeout."""
     t0 = time.perf_counter()
-    pub = ray.get(actors.learner.publish_weights.remote(cfg.weight_sync.bucket_mb))
-    got = ray.get([w.update_weights.remote(pub["refs"], pub["version"]) for w in actors.rollout])
+    limit = cfg.trainer.actor_timeout_s if timed else 0
+    pub = get_within(actors.learner.publish_weights.remote(cfg.weight_sync.bucket_mb), "the learner (publish_weights)",
+                     limit)
+    got = get_within([w.update_weights.remote(pub["refs"], pub["version"]) for w in actors.rollout],
+                     [f"rollout worker {i} (update_weights)" for i in range(len(actors.rollout))], limit)
     return time.perf_counter() - t0, got[0]["bytes"] / 2**20
 
 
 def save_checkpoint(cfg, run_dir, actors, state: dict, done: int, extra=None) -> None:
     """Learner checkpoint + trainer_state.json (+ `extra` files written into the tag first); then `latest`."""
-    import ray
-
     tag = ckpt.tag_for(done)
-    ray.get(actors.learner.save.remote(ckpt.ckpt_root(run_dir), tag))
-    version = ray.get(actors.learner.info.remote())["version"]
+    limit = cfg.trainer.actor_timeout_s
+    get_within(actors.learner.save.remote(ckpt.ckpt_root(run_dir), tag), "the learner (save)", limit)
+    version = get_within(actors.learner.info.remote(), "the learner (info)", limit)["version"]
     if extra is not None:
         extra(os.path.join(ckpt.ckpt_root(run_dir), tag))
     ckpt.write_trainer_state(run_dir, tag, {"step": done, "version": version, "mode": cfg.trainer.mode, **state})

@@ -27,10 +27,20 @@ class TrainingAborted(RuntimeError):
 
 
 def aborted(what: str, exc: BaseException, run_dir: str) -> TrainingAborted:
-    """The TrainingAborted for an actor failure (RayActorError, or a RayTaskError such as LearnerFailed)."""
+    """The TrainingAborted for an actor failure (RayActorError, a RayTaskError such as LearnerFailed, or
+    runtime.ActorTimeout), with what is true of the run's checkpoints."""
+    from ..checkpoint import latest
+    from ..errors import VespoUserError
+
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return TrainingAborted(f"{what} ({type(exc).__name__}: {first}); the last checkpoint is in {run_dir}/checkpoints: "
-                           f"continue with trainer.resume=true trainer.output_dir={run_dir}")
+    try:
+        tag = latest(run_dir)
+    except VespoUserError:  # an unreadable `latest` file: no checkpoint to offer
+        tag = None
+    hint = (f"the last checkpoint is {run_dir}/checkpoints/{tag}: continue with trainer.resume=true "
+            f"trainer.output_dir={run_dir}" if tag else
+            "no checkpoint was written yet: run the same command again (with another trainer.output_dir) to start over")
+    return TrainingAborted(f"{what} ({type(exc).__name__}: {first}); {hint}")
 
 
 class GracefulInterrupt:

@@ -1,6 +1,6 @@
 """`train(cfg)`: the mode dispatcher. Checks what can be checked before any actor starts, starts Ray and
-the actors, runs the sync or the async loop, and turns an actor failure into TrainingAborted (or, when
-an actor raised a VespoUserError, that error)."""
+the actors, runs the sync or the async loop, and turns an actor failure or a hung actor (runtime.ActorTimeout)
+into TrainingAborted (or, when an actor raised a VespoUserError, that error)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from ..errors import ConfigError, VespoUserError
 from ..learner.group import LearnerFailed
 from ..metrics_log import Progress
 from ..reward.pool import resolve_fn, reward_spec
-from ..runtime import unwrap_ray_error
+from ..runtime import ActorTimeout, unwrap_ray_error
 from ..tokenizer import make_tokenizer
 from .async_driver import async_loop
 from .common import resolve_run_dir
@@ -25,7 +25,8 @@ LOOPS = {"sync": sync_loop, "async": async_loop}
 def train(cfg: Config) -> str:
     """Run (or resume) a training run in cfg.trainer.mode; returns the run directory.
 
-    Raises Interrupted after a Ctrl-C (a checkpoint was saved), TrainingAborted on a fatal actor failure.
+    Raises Interrupted after a Ctrl-C (a checkpoint was saved), TrainingAborted on a fatal actor failure or an
+    actor that did not answer within trainer.actor_timeout_s.
     """
     run_dir = resolve_run_dir(cfg)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -54,6 +55,8 @@ def train(cfg: Config) -> str:
                 raise cause from None
             learner = isinstance(cause, LearnerFailed)
             raise aborted("the learner died" if learner else "an actor failed", cause, run_dir) from None
+        except ActorTimeout as exc:  # stop_actors (below) kills the hung actor with the others
+            raise aborted("an actor stopped answering", exc, run_dir) from None
         finally:
             progress.close()
             stop_actors(actors)

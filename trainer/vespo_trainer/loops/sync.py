@@ -20,13 +20,12 @@ from ..batch import group_advantages, learner_view, merge_rollouts, split_groups
 from ..config import Config
 from ..data.prompt import PromptStream
 from ..metrics_log import Progress, RunLog, plural
+from ..runtime import get_within
 from .common import batch_metrics, save_checkpoint, score_batch, start_run, sync_weights
 from .interrupt import GracefulInterrupt, Interrupted
 
 
 def sync_loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: GracefulInterrupt, tok, all_prompts) -> None:
-    import ray
-
     tc, n, tb = cfg.trainer, cfg.rollout.n, cfg.data.train_batch_size
     stream = PromptStream(all_prompts, tc.seed, cfg.data.shuffle)
     start_step, state, learner_info = start_run(cfg, run_dir, actors, progress)
@@ -36,7 +35,7 @@ def sync_loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: Grace
                    f"{tb}x{n} responses/step, learner on {learner_info['device']} "
                    f"(ZeRO-{learner_info['zero_stage']}, {plural(learner_info['threads'], 'thread')}), "
                    f"loss kernels: {learner_info['loss_kernels']}")
-    sync_weights(cfg, actors)  # the rollout workers start from the learner's weights (fresh or restored)
+    sync_weights(cfg, actors, timed=False)  # the rollout workers start from the learner's weights (fresh or restored)
     log = RunLog(run_dir, start_step, tc.tensorboard, tc.provenance)
     progress.start_at(start_step)
     warned_reward = False
@@ -46,12 +45,13 @@ def sync_loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: Grace
             # 1. rollout: each worker gets a contiguous share of the prompt groups
             prompts = stream.next_batch(tb)
             shares = split_groups(tb, len(actors.rollout))
-            parts = ray.get([w.generate.remote([prompts[i] for i in r], step, step * tb * n + r.start * n)
-                             for w, r in zip(actors.rollout, shares)])
+            parts = get_within([w.generate.remote([prompts[i] for i in r], step, step * tb * n + r.start * n)
+                                for w, r in zip(actors.rollout, shares)],
+                               [f"rollout worker {i} (generate)" for i in range(len(shares))], tc.actor_timeout_s)
             batch = merge_rollouts(parts, tok.pad_token_id)
             t_roll = time.perf_counter()
             # 2. rewards
-            scored = score_batch(actors, batch, prompts, n)
+            scored = score_batch(actors, batch, prompts, n, tc.actor_timeout_s)
             rewards = torch.tensor(scored["rewards"], dtype=torch.float32)
             if (scored["errors"] or scored["timeouts"]) and not warned_reward:
                 warned_reward = True  # once per run; metrics.jsonl counts them every step
@@ -61,7 +61,8 @@ def sync_loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: Grace
             # 3. advantages
             batch["advantages"] = group_advantages(rewards, n, cfg.algorithm.adv_eps, cfg.algorithm.norm_adv_by_std)
             # 4. N optimizer steps
-            out = ray.get(actors.learner.train_batch.remote(learner_view(batch)))
+            out = get_within(actors.learner.train_batch.remote(learner_view(batch)), "the learner (train_batch)",
+                             tc.actor_timeout_s)
             t_train = time.perf_counter()
             # 5. weights to the rollout workers
             sync_s, sync_mb = sync_weights(cfg, actors)
