@@ -20,7 +20,7 @@ LAYERS = [
     ["runtime", "tokenizer", "checkpoint", "metrics_log", "batch", "weight_sync"],
     ["model", "data"],
     ["reward", "rollout", "learner", "hf_export", "plot"],
-    ["cluster"],
+    ["cluster", "submit"],
     ["loops"],
     ["cli"],
     ["__main__"],

@@ -1,8 +1,11 @@
-"""The plain Ray route, end to end: `ray start --head` on 127.0.0.1, then
-`ray job submit --address http://127.0.0.1:<port> --working-dir . -- vespo train trainer.mode=async ...`
-reaches SUCCEEDED and the run directory holds the metrics. The head runs in its own temp dir and ports
-and is stopped by signalling its `ray start --block` process (never `ray stop`, which would stop every
-Ray on the machine)."""
+"""The Ray job route, end to end: `ray start --head` on 127.0.0.1, then
+`vespo submit --address http://127.0.0.1:<port> -- vespo train trainer.mode=async ...` (`ray job submit`
+with the excludes of vespo_trainer/submit.py) reaches SUCCEEDED and the run directory holds the metrics.
+The working directory is a temp copy of the configs with two planted 1.5 GiB virtual environments (one
+named like none of the fixed patterns) and a runs/ directory, so the test does not depend on what else
+lies in this checkout; the job checks that none of them reached it. The head runs in its own temp dir and
+ports and is stopped by signalling its `ray start --block` process (never `ray stop`, which would stop
+every Ray on the machine)."""
 from __future__ import annotations
 
 import json
@@ -58,19 +61,29 @@ def test_ray_job_submit_async_run(tmp_path):
                                                    "ray-client-server-port"))],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     run_dir = tmp_path / "job-run"
+    work = tmp_path / "work"
+    shutil.copytree(os.path.join(ROOT, "examples", "configs"), work / "examples" / "configs")
+    for env_dir in (".venv2", "myenv"):
+        (work / env_dir / "lib").mkdir(parents=True)
+        (work / env_dir / "pyvenv.cfg").write_text("home = /usr/bin\n")
+        with open(work / env_dir / "lib" / "big.bin", "wb") as f:
+            f.truncate(3 * 2**29)  # sparse: 1.5 GiB at no cost (Ray would read and zip all of it)
+    (work / "runs" / "old").mkdir(parents=True)
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        cmd = [os.path.join(bin_dir, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-               "--working-dir", ".", "--", "vespo", "train", "--config", "examples/configs/tiny.yaml",
-               "trainer.mode=async", "async.staleness_threshold=1", "trainer.total_steps=6",
-               f"trainer.output_dir={run_dir}"]
+        train = ["vespo", "train", "--config", "examples/configs/tiny.yaml", "trainer.mode=async",
+                 "async.staleness_threshold=1", "trainer.total_steps=6", f"trainer.output_dir={run_dir}"]
+        cmd = [sys.executable, "-m", "vespo_trainer", "submit", "--address", f"http://127.0.0.1:{dash}",
+               "--working-dir", str(work), "--", "bash", "-c",
+               "test ! -e .venv2 && test ! -e myenv && test ! -e runs && test -f examples/configs/tiny.yaml || "
+               "{ echo UPLOADED-JUNK-$((40 + 2)); ls -a; exit 3; }; exec \"$@\"", "job", *train]
         for _ in range(30):  # the dashboard answers before its job agent is up: retry that refusal only
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
             out = proc.stdout + proc.stderr
             if "No available agent" not in out:
                 break
             time.sleep(2)
-        assert proc.returncode == 0, out[-4000:]
+        assert proc.returncode == 0 and "UPLOADED-JUNK-42" not in out, out[-4000:]
         assert "SUCCEEDED" in out or "succeeded" in out, out[-4000:]
         with open(run_dir / "metrics.jsonl") as f:
             recs = [json.loads(ln) for ln in f]

@@ -6,6 +6,7 @@
     vespo plot RUN_DIR                                    PNG curves into RUN_DIR/plots/
     vespo export RUN_DIR --out DIR [--tag step_000100]    a checkpoint as a Hugging Face model directory
     vespo data prepare --input X --output Y.parquet       a dataset in veRL's schema (see data/verl.py)
+    vespo submit [--address URL] -- vespo train ...       `ray job submit` without venvs/builds/runs in the upload
 
 A user-fixable error (errors.VespoUserError) of any subcommand ends here: its message and exit code 2.
 """
@@ -21,7 +22,8 @@ from . import __version__
 from .errors import VespoUserError
 
 DEPS = {"train": ("omegaconf", "ray", "deepspeed", "transformers", "rich"), "plot": ("matplotlib",),
-        "export": ("omegaconf", "deepspeed", "transformers", "tokenizers"), "data": ("pyarrow",)}
+        "export": ("omegaconf", "deepspeed", "transformers", "tokenizers"), "data": ("pyarrow",),
+        "submit": ("ray",)}
 
 
 def plan_text(cfg) -> str:
@@ -167,6 +169,20 @@ def _parser() -> argparse.ArgumentParser:
                     "'Please reason step by step, and put your final answer within \\boxed{}.'; '' for none)")
     pr.add_argument("--data-source", default=None, help="data_source of every row (default: kept, or the input "
                     "file's name for converted rows)")
+    su = sub.add_parser("submit", help="ray job submit, uploading the code but no venvs, builds or runs",
+                        description="Runs `ray job submit` with a runtime env whose working_dir is --working-dir "
+                                    "and whose excludes drop .git, caches, build outputs, runs/ and every virtual "
+                                    "or conda environment (any name); the upload is measured first. Example: "
+                                    "vespo submit --address http://127.0.0.1:8265 -- vespo train trainer.mode=async")
+    su.add_argument("--address", help="the Ray dashboard, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    su.add_argument("--working-dir", default=".", help="the directory to upload (default: .)")
+    su.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                    help="another gitignore-style pattern to leave out, e.g. data/raw/ (repeatable)")
+    su.add_argument("--max-upload-mb", type=float, default=100.0,
+                    help="refuse to submit a larger upload (default 100: Ray's dashboard limit)")
+    su.add_argument("--no-wait", action="store_true", help="submit and return (ray job submit --no-wait)")
+    su.add_argument("--dry-run", action="store_true", help="print the upload size, the excludes and the command")
+    su.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- vespo train ...")
     return p
 
 
@@ -209,6 +225,14 @@ def _data(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from .submit import submit
+
+    entry = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    return submit(entry, working_dir=args.working_dir, address=args.address, excludes=args.exclude,
+                  max_upload_mb=args.max_upload_mb, no_wait=args.no_wait, dry_run=args.dry_run)
+
+
 def _plot(args) -> int:
     from .plot import plot_run
 
@@ -231,7 +255,7 @@ def _train(args) -> int:
 
     try:
         run_dir = run.train(cfg)
-    except Interrupted as exc:
+    except Interrupted as exc:  # saved, or before the first step: the hint says whether a checkpoint exists
         print(f"vespo: {exc}; {_resume_hint(cfg)}", file=sys.stderr)
         return 130
     except TrainingAborted as exc:
@@ -260,7 +284,7 @@ def _resume_hint(cfg) -> str:
     return f"continue from {tag} with trainer.resume=true trainer.output_dir={run_dir}"
 
 
-COMMANDS = {"train": _train, "export": _export, "data": _data, "plot": _plot}
+COMMANDS = {"train": _train, "export": _export, "data": _data, "plot": _plot, "submit": _submit}
 
 
 if __name__ == "__main__":
