@@ -87,22 +87,35 @@ def read_metrics(run_dir: str) -> List[dict]:
 
 
 class Progress:
-    """A rich progress bar with live reward on a TTY; plain lines otherwise (or nothing)."""
+    """A rich progress bar with live reward on a TTY; plain lines otherwise (or nothing).
 
-    def __init__(self, mode: str, total: int, start: int, log_every: int):
+    The bar fits the terminal: from WIDE columns on it shows the step's reward and the running mean, below
+    (an 80-column terminal) the running mean alone, so the step count and the times are never cut."""
+
+    WIDE = 110
+
+    def __init__(self, mode: str, total: int, start: int, log_every: int, console=None):
         if mode == "auto":
             mode = "rich" if sys.stdout.isatty() else "plain"
         self.mode, self.total, self.log_every = mode, total, log_every
         self._recent = deque(maxlen=max(20, log_every))  # per-step reward is noisy: show a running mean too
         self._bar = None
         if mode == "rich":
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(
-                TextColumn("[bold]vespo train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("reward [bold green]{task.fields[reward]}"), TextColumn("lag {task.fields[lag]}"),
-                TextColumn("{task.fields[step_s]} s/step"), TimeElapsedColumn(), TimeRemainingColumn())
+            console = console or Console()
+            self._wide = console.width >= self.WIDE
+            if self._wide:
+                cols = [TextColumn("[bold]vespo train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("reward [bold green]{task.fields[reward]}"), TextColumn("lag {task.fields[lag]}"),
+                        TextColumn("{task.fields[step_s]} s/step"), TimeElapsedColumn(), TimeRemainingColumn()]
+            else:  # 80 columns: 10 + 9 (1000/1000) + 12 + 8 + 11 + 7 + 7, and the spaces
+                cols = [BarColumn(bar_width=10), MofNCompleteColumn(),
+                        TextColumn("reward [bold green]{task.fields[reward]}"), TextColumn("lag {task.fields[lag]}"), TextColumn("{task.fields[step_s]} s/step"),
+                        TimeElapsedColumn(), TimeRemainingColumn()]
+            self._bar = RichProgress(*cols, console=console)
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, completed=start, reward="-", lag="-", step_s="-")
 
@@ -114,9 +127,11 @@ class Progress:
         reward, lag, dt = m.get("reward/mean", float("nan")), m.get("staleness/mean", float("nan")), \
             m.get("time/step_s", float("nan"))
         self._recent.append(reward)
-        shown = f"{reward:.3f} (last {len(self._recent)}: {sum(self._recent) / len(self._recent):.3f})"
+        mean = sum(self._recent) / len(self._recent)
+        shown = f"{reward:.3f} (last {len(self._recent)}: {mean:.3f})"
         if self._bar is not None:
-            self._bar.update(self._task, completed=step + 1, reward=shown, lag=f"{lag:.2f}", step_s=f"{dt:.2f}")
+            self._bar.update(self._task, completed=step + 1, reward=shown if self._wide else f"{mean:.3f}",
+                             lag=f"{lag:.2f}", step_s=f"{dt:.2f}")
         elif self.mode == "plain" and ((step + 1) % self.log_every == 0 or step + 1 == self.total or step == 0):
             print(f"step {step + 1:>5}/{self.total}  reward {shown}  "
                   f"loss {m.get('actor/loss', float('nan')):+.4f}  "
