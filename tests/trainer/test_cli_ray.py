@@ -44,20 +44,43 @@ def _env(tmp, **extra):
     return env
 
 
+def test_token_auth_notice_filter_drops_only_that_notice(caplog):
+    import logging
+
+    from vespo_trainer.cluster import TOKEN_AUTH_LOGGER, TOKEN_AUTH_NOTICE, quiet_token_auth_notice
+
+    log = logging.getLogger(TOKEN_AUTH_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=TOKEN_AUTH_LOGGER):
+        with quiet_token_auth_notice():
+            log.warning(TOKEN_AUTH_NOTICE + ". Set RAY_AUTH_MODE=disabled to opt out.")
+            log.warning("Token authentication is disabled for this Ray cluster.")  # not this one
+        log.warning(TOKEN_AUTH_NOTICE + ".")  # outside: shown
+    shown = [r.getMessage() for r in caplog.records]
+    assert len(shown) == 2 and "is disabled" in shown[0] and shown[1].startswith(TOKEN_AUTH_NOTICE), shown
+
+
 def test_stale_address_file_does_not_hijack_the_local_ray(stale_ray_tmpdir):
-    """Without ray.address / RAY_ADDRESS the trainer starts its own Ray, whatever the address file says."""
+    """Without ray.address / RAY_ADDRESS the trainer starts its own Ray, whatever the address file says, and
+    without Ray's token-authentication notice."""
     tmp, stale = stale_ray_tmpdir
     code = ("import ray\n"
             "from vespo_trainer.cluster import ray_session\n"
             "from vespo_trainer.config import load_config\n"
+            "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
             "with ray_session(load_config(None, ['ray.num_cpus=1'])):\n"
-            "    print('GCS', ray.get_runtime_context().gcs_address)\n")
+            "    print('GCS', ray.get_runtime_context().gcs_address)\n"
+            "    print('AUTH', get_authentication_mode() == AuthenticationMode.TOKEN)\n")
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(tmp), cwd=ROOT, capture_output=True, text=True,
+    env = _env(tmp)
+    env.pop("RAY_AUTH_MODE", None)  # unset: Ray turns token auth on for a new local cluster, with a notice
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     gcs = [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("GCS ")]
     assert gcs and gcs[0] != stale, (gcs, stale)
+    # the notice is not printed over the progress bar; the authentication itself is still on
+    assert "Token authentication is enabled" not in proc.stderr + proc.stdout, proc.stderr
+    assert "AUTH True" in proc.stdout, proc.stdout
     assert time.time() - t0 < 170
 
 

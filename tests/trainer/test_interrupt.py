@@ -55,6 +55,24 @@ def test_sync_ctrl_c_saves_then_resumes(tmp_path, ray_cluster):
     assert f"resumed {run} from {tag}" in out and _steps(run) == done + 2
 
 
+def test_ctrl_c_before_the_first_step_says_nothing_was_saved(tmp_path, ray_cluster):
+    """Ctrl-C while the run is still loading / starting its actors: it says so at once, stops before the
+    first step, and the final message says that no checkpoint exists (exit 130)."""
+    run = tmp_path / "early"
+    proc = _popen(run, ray_cluster, "trainer.total_steps=1000")
+    t0 = time.time()
+    while not (run / "config.yaml").exists():  # written once the Ctrl-C handler is in place
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 120
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Ctrl-C before the first step: nothing to save" in out, out  # printed when it arrived
+    assert "interrupted before the first step" in err and "no checkpoint was written yet" in err, err
+    assert _steps(run) == 0 and not (run / "checkpoints").exists()
+
+
 def test_second_ctrl_c_stops_at_once(capsys, monkeypatch):
     """The handler itself, in-process (a subprocess cannot time two signals inside one step reliably: two
     SIGINTs that arrive before Python runs the handler are one)."""
@@ -69,6 +87,7 @@ def test_second_ctrl_c_stops_at_once(capsys, monkeypatch):
     try:
         seen = []
         with GracefulInterrupt(seen.append) as stop:
+            stop.started = True  # the loop's first step has begun
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
             assert stop.requested and "saving a checkpoint" in seen[0]

@@ -1,13 +1,14 @@
 """Ray: join a cluster ($RAY_ADDRESS or ray.address) or start a local one; create the actors."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List
 
-from .errors import ResourceError
+from .errors import BackendMissing, ResourceError
 from .learner.group import LearnerGroup
 from .reward.pool import RewardWorker
 from .rollout.base import backend_class, check_backend
@@ -52,11 +53,34 @@ def check_reachable(address: str, timeout_s: float, source: str) -> None:
             "instead (ray.connect_timeout_s sets the wait)") from None
 
 
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_AUTH_NOTICE)
+
+
+@contextmanager
+def quiet_token_auth_notice():
+    """Drop Ray's "Token authentication is enabled for this Ray cluster..." warning (printed on every local
+    ray.init when RAY_AUTH_MODE is unset, across the progress bar). Only for a local Ray the trainer starts
+    itself: the authentication stays as Ray sets it (token), only the notice goes."""
+    log, drop = logging.getLogger(TOKEN_AUTH_LOGGER), _DropTokenAuthNotice()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 @contextmanager
 def ray_session(cfg):
     """Use the Ray already initialised in this process, join ray.address / $RAY_ADDRESS (after checking that
     it answers), or start a local Ray of our own (address="local": never the one in Ray's address file,
-    which may name a head that is long gone). Shuts down only what it started."""
+    which may name a head that is long gone; without Ray's token-authentication notice). Shuts down only
+    what it started."""
     import ray
 
     started = False
@@ -64,7 +88,8 @@ def ray_session(cfg):
         address = ray_address(cfg)
         kw = {"include_dashboard": False, "log_to_driver": cfg.ray.log_to_driver}
         if address is None:
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kw)
+            with quiet_token_auth_notice():
+                ray.init(address="local", num_cpus=cfg.ray.num_cpus, **kw)
         else:
             check_reachable(address, cfg.ray.connect_timeout_s, "ray.address" if cfg.ray.address else "RAY_ADDRESS")
             ray.init(address=address, **kw)
@@ -117,12 +142,28 @@ def start_actors(cfg) -> Actors:
 
     if ray_address(cfg) is None:
         check_backend(cfg.rollout.backend)  # a local Ray's workers share this environment: fail before starting
+    else:
+        check_backend_on_cluster(cfg.rollout.backend)
     cfg.trainer.device = "cuda" if use_cuda(cfg) else "cpu"  # decided once, here: the actors read the answer
     res = plan_resources(cfg, ray.cluster_resources())
     learner = LearnerGroup(cfg, res["learner"])
     rollout = [_new_rollout(cfg, res, rank) for rank in range(cfg.rollout.num_workers)]
     reward = [_new_reward(cfg, res) for _ in range(cfg.reward.num_workers)]
     return Actors(learner, rollout, reward)
+
+
+def check_backend_on_cluster(name: str) -> None:
+    """check_backend in a Ray worker of the joined cluster (its environment may lack what this one has): the
+    BackendMissing itself, not an actor that dies in __init__ (whose error reaches the driver only as text)."""
+    import ray
+
+    from .runtime import unwrap_ray_error
+
+    try:
+        ray.get(ray.remote(num_cpus=0, max_retries=0)(check_backend).remote(name))
+    except ray.exceptions.RayTaskError as exc:
+        cause = unwrap_ray_error(exc)
+        raise (cause if isinstance(cause, BackendMissing) else exc) from None
 
 
 def _new_rollout(cfg, res: dict, rank: int):

@@ -186,6 +186,9 @@ class AsyncDriver:
         pub = ray.get(self.actors.learner.publish_weights.remote(cfg.weight_sync.bucket_mb))
         ray.get([w.update_weights.remote(pub["refs"], pub["version"]) for w in self.actors.rollout])
         self.applied, self.rollout_version = pub, pub["version"]
+        if self.stop.requested:  # Ctrl-C during the start-up: nothing trained, nothing to save
+            raise Interrupted(self.step, self.run_dir, saved=False)
+        self.stop.started = True
         self.budget = max(0, cfg.async_window - self.outstanding)
         self._write_pids()
         self.log = RunLog(self.run_dir, self.step, tc.tensorboard, tc.provenance)

@@ -16,7 +16,7 @@ from ..runtime import ActorTimeout, unwrap_ray_error
 from ..tokenizer import make_tokenizer
 from .async_driver import async_loop
 from .common import resolve_run_dir
-from .interrupt import GracefulInterrupt, aborted
+from .interrupt import GracefulInterrupt, Interrupted, aborted
 from .sync import sync_loop
 
 LOOPS = {"sync": sync_loop, "async": async_loop}
@@ -25,39 +25,47 @@ LOOPS = {"sync": sync_loop, "async": async_loop}
 def train(cfg: Config) -> str:
     """Run (or resume) a training run in cfg.trainer.mode; returns the run directory.
 
-    Raises Interrupted after a Ctrl-C (a checkpoint was saved), TrainingAborted on a fatal actor failure or an
-    actor that did not answer within trainer.actor_timeout_s.
+    Raises Interrupted after a Ctrl-C (a checkpoint was saved; or, before the first step, none), TrainingAborted
+    on a fatal actor failure or an actor that did not answer within trainer.actor_timeout_s.
     """
     run_dir = resolve_run_dir(cfg)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
     progress = Progress(cfg.trainer.progress, cfg.trainer.total_steps, 0, cfg.trainer.log_every)
-    try:  # the tokenizer and the prompts load here, so a bad model.path or data file fails before any actor starts
-        tok = make_tokenizer(cfg)
-        prompts = load_prompts(cfg, tok, log=progress.print)
-        resolve_fn(reward_spec(cfg))  # importable here (the reward workers import it again)
-    except VespoUserError:
-        progress.close()
-        raise
-    except ValueError as exc:  # e.g. a prompt the built-in tokenizer cannot encode
-        progress.close()
-        raise ConfigError(str(exc)) from None
-    loop = LOOPS[cfg.trainer.mode]
-    with ray_session(cfg), GracefulInterrupt(progress.print) as stop:
-        import ray
-
-        actors = start_actors(cfg)
-        try:
-            loop(cfg, run_dir, actors, progress, stop, tok, prompts)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            cause = unwrap_ray_error(exc)
-            if isinstance(cause, VespoUserError):
-                raise cause from None
-            learner = isinstance(cause, LearnerFailed)
-            raise aborted("the learner died" if learner else "an actor failed", cause, run_dir) from None
-        except ActorTimeout as exc:  # stop_actors (below) kills the hung actor with the others
-            raise aborted("an actor stopped answering", exc, run_dir) from None
-        finally:
+    with GracefulInterrupt(progress.print) as stop:  # from the start: a Ctrl-C while loading is answered too
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        try:  # the tokenizer and the prompts load here, so a bad model.path or data file fails before any actor
+            tok = make_tokenizer(cfg)
+            prompts = load_prompts(cfg, tok, log=progress.print)
+            resolve_fn(reward_spec(cfg))  # importable here (the reward workers import it again)
+        except VespoUserError:
             progress.close()
-            stop_actors(actors)
+            raise
+        except ValueError as exc:  # e.g. a prompt the built-in tokenizer cannot encode
+            progress.close()
+            raise ConfigError(str(exc)) from None
+        loop = LOOPS[cfg.trainer.mode]
+        with ray_session(cfg):
+            import ray
+
+            if stop.requested:  # Ctrl-C while loading or starting Ray: start no actor
+                progress.close()
+                raise Interrupted(0, run_dir, saved=False)
+            try:
+                actors = start_actors(cfg)
+            except BaseException:  # e.g. too few CPUs/GPUs for the actors, a missing backend (exit code 2)
+                progress.close()
+                raise
+            try:
+                loop(cfg, run_dir, actors, progress, stop, tok, prompts)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                cause = unwrap_ray_error(exc)
+                if isinstance(cause, VespoUserError):
+                    raise cause from None
+                learner = isinstance(cause, LearnerFailed)
+                raise aborted("the learner died" if learner else "an actor failed", cause, run_dir) from None
+            except ActorTimeout as exc:  # stop_actors (below) kills the hung actor with the others
+                raise aborted("an actor stopped answering", exc, run_dir) from None
+            finally:
+                progress.close()
+                stop_actors(actors)
     return run_dir

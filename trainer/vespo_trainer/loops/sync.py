@@ -36,6 +36,9 @@ def sync_loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: Grace
                    f"(ZeRO-{learner_info['zero_stage']}, {plural(learner_info['threads'], 'thread')}), "
                    f"loss kernels: {learner_info['loss_kernels']}")
     sync_weights(cfg, actors, timed=False)  # the rollout workers start from the learner's weights (fresh or restored)
+    if stop.requested:  # Ctrl-C during the start-up: nothing trained, nothing to save
+        raise Interrupted(start_step, run_dir, saved=False)
+    stop.started = True
     log = RunLog(run_dir, start_step, tc.tensorboard, tc.provenance)
     progress.start_at(start_step)
     warned_reward = False
