@@ -87,7 +87,7 @@ def test_async_threshold0_trigger1_is_sync_n1(tmp_path, ray_cluster):
     pa, pb = _provenance(sync), _provenance(asyn)
     for x, y in zip(pa, pb):
         assert x["uid"] == y["uid"] and x["prompt_id"] == y["prompt_id"]
-        assert y["gen_version"] == y["update_version"] == [y["step"]] * 4  # lag 0, from the recorded versions
+        assert y["gen_version"] == y["update_version"] == [y["step"] - 1] * 4  # lag 0, from the recorded versions
     assert_every_sample_accounted(asyn, 4)
 
 
@@ -114,7 +114,7 @@ def test_max_lag_drops_and_counts_older_samples(tmp_path, ray_cluster):
                           "actor.ppo_mini_batch_size=1", "async.staleness_threshold=1", "async.max_lag=0",
                           "async.trigger_parameter_sync_step=1"))
     recs = _records(run)
-    assert [r["step"] for r in recs] == list(range(6))
+    assert [r["step"] for r in recs] == list(range(1, 7))
     assert all(r["staleness/max"] == 0 for r in recs)
     assert recs[-1]["async/dropped_samples"] > 0 and recs[-1]["async/dropped_samples"] % 4 == 0
 
@@ -201,7 +201,7 @@ def test_ctrl_c_checkpoints_and_resume_trains_the_saved_samples(tmp_path, ray_cl
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert_every_sample_accounted(run, 4)  # the in-flight groups were re-issued (trained, or outstanding at the end)
-    after = [u for p in _provenance(run) if p["step"] >= stopped for u in p["uid"][::4]]
+    after = [u for p in _provenance(run) if p["step"] > stopped for u in p["uid"][::4]]
     assert after[:len(saved["buffer_uids"])] == saved["buffer_uids"], "the buffered groups are trained first"
 
 
@@ -218,5 +218,5 @@ def test_learner_crash_then_resume(tmp_path, ray_cluster):
     proc = _popen(run, ray_cluster, f"trainer.total_steps={at + 4}", "trainer.resume=true", *overrides)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    assert [r["step"] for r in _records(run)] == list(range(at + 4))
+    assert [r["step"] for r in _records(run)] == list(range(1, at + 5))
     assert_every_sample_accounted(run, 4)

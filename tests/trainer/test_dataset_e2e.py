@@ -70,11 +70,11 @@ def test_math_sample_with_a_local_hf_model_then_export(tmp_path, ray_cluster):
     assert cfg.task.name == "dataset"
     run = train(cfg)
     recs = _records(run)
-    assert [r["step"] for r in recs] == [0, 1]
+    assert [r["step"] for r in recs] == [1, 2]
     for r in recs:
         assert_finite_record(r)
         assert r["reward/errors"] == 0 and r["reward/timeouts"] == 0 and 0.0 <= r["reward/mean"] <= 1.0
-        assert r["actor/version"] == 2 * (r["step"] + 1)  # 2 optimizer steps per rollout step
+        assert r["actor/version"] == 2 * r["step"]  # 2 optimizer steps per rollout step
     assert "model.path" not in open(os.path.join(run, "config.yaml")).read()  # (nested YAML)
     assert model_dir in open(os.path.join(run, "config.yaml")).read()
     from vespo_trainer.data.tasks import load_prompts

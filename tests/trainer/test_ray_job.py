@@ -87,7 +87,7 @@ def test_ray_job_submit_async_run(tmp_path):
         assert "SUCCEEDED" in out or "succeeded" in out, out[-4000:]
         with open(run_dir / "metrics.jsonl") as f:
             recs = [json.loads(ln) for ln in f]
-        assert [r["step"] for r in recs] == list(range(6))
+        assert [r["step"] for r in recs] == list(range(1, 7))
         assert max(r["staleness/max"] for r in recs) >= 1  # async with a threshold: older samples were trained
         assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000006"
     finally:

@@ -111,7 +111,7 @@ def test_smoke_grid_and_summary(tmp_path, ray_cluster):
     for name, steps in (("N1-vespo-s0", 8), ("N4-vespo-s0", 2)):
         with open(out / name / "metrics.jsonl") as f:
             rows = [json.loads(ln) for ln in f]
-        assert [r["step"] for r in rows] == list(range(steps))
+        assert [r["step"] for r in rows] == list(range(1, steps + 1))
         assert rows[-1]["actor/version"] == 8  # the same optimizer steps in both settings
     # a second run skips what is done; another design in the same --out is refused
     again = subprocess.run(base + ["--dry-run"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -45,7 +45,7 @@ def test_vespo_train_cli_end_to_end(tmp_path, ray_cluster):
 
     # metrics: one record per step, required keys present and finite
     recs = _records(run_dir)
-    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]  # as the bar and the checkpoints count
     for r in recs:
         assert_finite_record(r)
         assert r["staleness/mean"] == 1.5 and r["staleness/max"] == 3 and r["staleness/min"] == 0
@@ -57,9 +57,13 @@ def test_vespo_train_cli_end_to_end(tmp_path, ray_cluster):
     N, per_step = 4, 16
     uids = []
     with open(run_dir / "provenance.jsonl") as f:
-        for step, line in enumerate(f):
+        for step, line in enumerate(f):  # step: 0-based here, 1-based in the file (as the bar and checkpoints)
             p = json.loads(line)
-            assert p["step"] == step and len(p["uid"]) == per_step
+            assert p["step"] == step + 1 and len(p["uid"]) == per_step
+            # the shape README's "The run directory" states: one line per step, one array per field
+            assert set(p) == {"step", "uid", "prompt_id", "gen_version", "update_version", "minibatch", "lag",
+                              "reward"}, sorted(p)
+            assert all(len(p[k]) == per_step for k in p if k != "step")
             for k, gen, upd, lag in zip(p["minibatch"], p["gen_version"], p["update_version"], p["lag"]):
                 assert gen == N * step, "every sample of a sync step comes from the version the step started with"
                 assert upd - gen == lag == k

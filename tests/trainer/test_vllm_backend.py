@@ -126,7 +126,7 @@ def test_train_with_vllm_rollouts(tmp_path, ray_cluster, mode):
     run_dir = train(cfg)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         recs = [json.loads(ln) for ln in f]
-    assert [r["step"] for r in recs] == [0, 1, 2]
+    assert [r["step"] for r in recs] == [1, 2, 3]
     # sync: a push after every step; async (trigger 1): pushes after steps 0 and 1, each logged in the
     # record of the step during which it landed
     pushed = [r for r in recs if r["perf/weight_sync_mb"] > 0]

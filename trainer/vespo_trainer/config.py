@@ -72,7 +72,8 @@ class TrainerConfig:
     progress: str = _f("auto", "auto (rich bar on a TTY, plain lines otherwise), rich, plain or none")
     log_every: int = _f(10, "plain progress: print a line every this many steps")
     tensorboard: bool = _f(True, "write TensorBoard event files under output_dir/tensorboard")
-    provenance: bool = _f(True, "write provenance.jsonl: per-sample id, prompt id, versions and trained lag")
+    provenance: bool = _f(True, "write provenance.jsonl: one line per step, with arrays of the sample ids, "
+                                "prompt ids, versions, trained lags and rewards of its samples")
     actor_timeout_s: float = _f(3600.0, "an actor call (generate, score, train_batch, a weight push, a checkpoint "
                                         "save) that has not answered after this many seconds ends the run with an "
                                         "error naming the actor and the resume hint (a hung actor would wait "

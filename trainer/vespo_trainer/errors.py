@@ -39,5 +39,9 @@ class RunDirExists(VespoUserError, FileExistsError):
     """A new run would be mixed into an old one."""
 
 
+class SubmitError(VespoUserError):
+    """`vespo submit`: a working directory too large to upload, nothing to run, or no `ray` command."""
+
+
 class BackendMissing(VespoUserError, ImportError):
     """An optional backend (e.g. vLLM) that is not installed; the message says how to install it."""

@@ -17,12 +17,12 @@ def plural(n, word: str, words: str = "") -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {words or word + 's'}"
 
 
-def _truncate_jsonl(path: str, keep_below_step: int) -> None:
-    """Keep only the records of steps < keep_below_step (a resumed run rewrites the rest)."""
+def _truncate_jsonl(path: str, keep_through: int) -> None:
+    """Keep only the records of steps 1..keep_through (the checkpoint's; a resumed run rewrites the rest)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] < keep_below_step]
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= keep_through]
     with open(path, "w") as f:
         f.writelines(lines)
 
@@ -46,7 +46,10 @@ def _clean(v):
 
 
 class RunLog:
-    """Appends one record per step; on resume, drops records past the checkpoint first."""
+    """Appends one record per step; on resume, drops records past the checkpoint first.
+
+    Steps are numbered 1..total_steps, as the progress bar and the checkpoints count them: the record of
+    step s is written when s steps are done (checkpoints/step_{s:06d} holds the state after it)."""
 
     def __init__(self, run_dir: str, start_step: int, tensorboard: bool, provenance: bool):
         self.run_dir = run_dir
@@ -59,10 +62,12 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step or None)
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step
+                                    else None)
 
     def log(self, step: int, metrics: Dict[str, float], lags: Optional[List[int]] = None,
             provenance: Optional[dict] = None) -> None:
+        """The record of step `step` (1-based: the step just completed)."""
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         _append_line(self.metrics_path, json.dumps(record))
         if self.prov_path and provenance is not None:
@@ -113,8 +118,8 @@ class Progress:
                         TextColumn("{task.fields[step_s]} s/step"), TimeElapsedColumn(), TimeRemainingColumn()]
             else:  # 80 columns: 10 + 9 (1000/1000) + 12 + 8 + 11 + 7 + 7, and the spaces
                 cols = [BarColumn(bar_width=10), MofNCompleteColumn(),
-                        TextColumn("reward [bold green]{task.fields[reward]}"), TextColumn("lag {task.fields[lag]}"), TextColumn("{task.fields[step_s]} s/step"),
-                        TimeElapsedColumn(), TimeRemainingColumn()]
+                        TextColumn("reward [bold green]{task.fields[reward]}"), TextColumn("lag {task.fields[lag]}"),
+                        TextColumn("{task.fields[step_s]} s/step"), TimeElapsedColumn(), TimeRemainingColumn()]
             self._bar = RichProgress(*cols, console=console)
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, completed=start, reward="-", lag="-", step_s="-")

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from .errors import VespoUserError
+from .errors import SubmitError
 
 EXCLUDES = [
     ".git/", "**/__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/", ".tox/", ".nox/",
@@ -34,10 +34,6 @@ EXCLUDES = [
     ".venv*/", "venv*/", "**/site-packages/",
 ]
 UPLOAD_LIMIT_MB = 100.0  # ray.dashboard's client_max_size (DASHBOARD_CLIENT_MAX_SIZE)
-
-
-class SubmitError(VespoUserError):
-    """A working directory too large to upload, or no `ray` command."""
 
 
 def _is_env(path: str) -> bool:

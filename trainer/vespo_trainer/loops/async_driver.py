@@ -456,7 +456,7 @@ class AsyncDriver:
             "perf/weight_sync_mb": self.iv["sync_mb"],
             "time/rollout_s": self.iv["gen_s"], "time/learner_s": learner_s, "time/weight_sync_s": self.iv["sync_s"],
         })
-        self.log.log(step, m, lags, prov if self.cfg.trainer.provenance else None)
+        self.log.log(step + 1, m, lags, prov if self.cfg.trainer.provenance else None)  # 1-based, as the bar
         self.progress.update(step, m)
         self._reset_interval()
 

@@ -58,7 +58,7 @@ def sync_loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: Grace
             rewards = torch.tensor(scored["rewards"], dtype=torch.float32)
             if (scored["errors"] or scored["timeouts"]) and not warned_reward:
                 warned_reward = True  # once per run; metrics.jsonl counts them every step
-                progress.print(f"reward: {scored['errors']} errors, {scored['timeouts']} timeouts at step {step} "
+                progress.print(f"reward: {scored['errors']} errors, {scored['timeouts']} timeouts at step {step + 1} "
                                f"(scored 0; see reward/errors, reward/timeouts) {scored['error_examples']}")
             t_rew = time.perf_counter()
             # 3. advantages
@@ -75,9 +75,9 @@ def sync_loop(cfg: Config, run_dir: str, actors, progress: Progress, stop: Grace
             m.update({"reward/timeouts": scored["timeouts"], "reward/errors": scored["errors"],
                       "perf/weight_sync_mb": sync_mb, "time/rollout_s": t_roll - t0, "time/reward_s": t_rew - t_roll,
                       "time/learner_s": t_train - t_rew, "time/weight_sync_s": sync_s})
-            log.log(step, m, lags, prov if tc.provenance else None)
+            done = step + 1  # steps are numbered 1..total_steps in metrics.jsonl, the bar and the checkpoints
+            log.log(done, m, lags, prov if tc.provenance else None)
             progress.update(step, m)
-            done = step + 1
             if done == tc.total_steps or (tc.save_every and done % tc.save_every == 0) or stop.requested:
                 save_checkpoint(cfg, run_dir, actors, {"data": stream.state_dict()}, done)
             if stop.requested and done < tc.total_steps:
