@@ -308,7 +308,8 @@ def main():
         for n in names:
             try:
                 extra, method = memory(n, x)
-                results[n].update(peak_extra_mb=extra / MB, transient_mb=(extra - grads_bytes) / MB, memory_method=method)
+                results[n].update(peak_extra_mb=extra / MB, transient_mb=(extra - grads_bytes) / MB,
+                                  memory_method=method)
             except Exception as e:
                 results[n]["memory_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     base = results.get("matmul+op", results[names[0]])

@@ -121,13 +121,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         log("FAIL: --device cuda but torch sees no GPU")
         return 2
+    import random
+
     import vespo_ext
     from vespo_trainer.data.arith import task_prompts, warmup_texts
     from vespo_trainer.data.prompt import PromptStream
     from vespo_trainer.learner.rank import Learner
     from vespo_trainer.rollout.base import backend_class
-
-    import random
 
     log(f"torch {torch.__version__}, vespo_ext {vespo_ext.__version__} from {os.path.dirname(vespo_ext.__file__)}, "
         f"kernels on {args.device}: {vespo_ext.has_kernels(torch.device(args.device))}"

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from trainer_test_utils import ROOT, TRAINER_SRC
 
 pytestmark = pytest.mark.slow
