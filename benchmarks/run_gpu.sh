@@ -41,20 +41,25 @@
 # Switches: SKIP_EX2, SKIP_MUFU (no second build: no *_mufu results), SKIP_CONFIDENT, SKIP_BENCH,
 # SKIP_TRAINER, SKIP_LINEAR, SKIP_TESTS, SKIP_SANITIZER=1 leave steps out; BENCH_ARGS, LINEAR_ARGS,
 # PYTEST_ARGS add arguments; BUDGET_S=<seconds>. DRY_RUN=1 prints the steps with their limits and
-# runs nothing but the wheel selection (works on any machine: bash benchmarks/run_gpu.sh with DRY_RUN=1).
+# runs nothing but the wheel selection (works on any machine: bash benchmarks/run_gpu.sh with DRY_RUN=1);
+# DRY_RUN=cpu also rehearses on the CPU what can run there (the trainer check with gloo, a tiny
+# bench_linear_loss, the ex2 scan's compile for sm_90): 1-3 min, worth it before spending GPU time.
 # A failing step does not stop the later ones; the exit code is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export PATH=$PATH:/usr/local/cuda/bin  # nvcc and compute-sanitizer, where the image does not put them on PATH
 BUDGET=${BUDGET_S:-530}
 DRY=${DRY_RUN:-}
 RESULTS=benchmarks/results
 DEST=${OUT:-$RESULTS}  # where the log and summary are written as the run goes
+if [ -n "$DRY" ] && [ -z "${OUT:-}" ]; then DEST=/tmp/run_gpu_dry; fi  # a rehearsal leaves the checkout clean
 mkdir -p "$RESULTS" "$DEST"
 
 GPU=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))" \
-  2>/dev/null || echo gpu)
+  2>/dev/null)
+[ -n "$GPU" ] || GPU=gpu
 LOG=$DEST/${GPU}_run_gpu.log
 SUMMARY=$DEST/${GPU}_summary.txt
 : >"$LOG"
@@ -115,6 +120,17 @@ else
   say "benchmarks/wheels: none carried (benchmarks/gpu/fetch_wheels.sh): no Liger baseline, no trainer check unless installed"
 fi
 BASE_PYTHONPATH=${PYTHONPATH:-}
+
+if [ "$DRY" = cpu ]; then  # the CPU rehearsal: real runs of what needs no GPU, then the dry list below
+  DRY=
+  step rehearse_ex2 120 nvcc -O3 -std=c++17 -arch=sm_90 -I csrc/include benchmarks/gpu/ex2_error_scan.cu \
+    -o /tmp/ex2_scan_sm90
+  step rehearse_trainer 300 "$PY" benchmarks/gpu/trainer_gpu_check.py --device cpu --steps 1
+  step rehearse_linear 300 "$PY" benchmarks/bench_linear_loss.py --device cpu --tiny \
+    --variants fused-linear,matmul+op,matmul+op-inplace,liger --no-memory
+  DRY=cpu
+  BUDGET=$((BUDGET + SECONDS))  # the dry list below shows the GPU limits, not what the rehearsal left
+fi
 
 # ---- 1. MUFU error scan (needs only nvcc): the number the mufu forward's accuracy rests on -------------
 if [ -z "${SKIP_EX2:-}" ]; then
