@@ -162,8 +162,8 @@ variant() {
   if [ -z "${SKIP_BENCH:-}" ]; then
     local json=$RESULTS/${GPU}_$v.json
     # shellcheck disable=SC2086
-    step "bench_$v" 120 "$PY" benchmarks/bench_vespo_loss.py --device cuda --json "$json" \
-      --note "run_gpu.sh, forward exp=$v (-DVESPO_FWD_EXP=$v)" $extra ${BENCH_ARGS:-}
+    step "bench_$v" 120 "$PY" benchmarks/bench_vespo_loss.py --device cuda --T 32768 --V 151936 --dtype bf16 \
+      --json "$json" --note "run_gpu.sh, forward exp=$v (-DVESPO_FWD_EXP=$v)" $extra ${BENCH_ARGS:-}
     keep "$json"
   fi
 }
@@ -185,7 +185,9 @@ fi
 # ---- 4. the trainer's GPU path (CUDA rollout, DeepSpeed world of 1 on NCCL), in-process, no Ray --------
 if [ -z "${SKIP_TRAINER:-}" ]; then
   TJSON=$RESULTS/${GPU}_trainer_check.json
-  step trainer 120 "$PY" benchmarks/gpu/trainer_gpu_check.py --device cuda --json "$TJSON"
+  # DS_ACCELERATOR: the carried DeepSpeed wheel was built on a CPU machine (its build info says "cpu"; the
+  # accelerator is detected at run time anyway, this only makes it explicit)
+  step trainer 120 env DS_ACCELERATOR=cuda "$PY" benchmarks/gpu/trainer_gpu_check.py --device cuda --json "$TJSON"
   keep "$TJSON"
 fi
 
