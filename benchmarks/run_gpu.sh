@@ -4,11 +4,18 @@
 # own limit, cut to what is left of the budget, and a step that no longer fits is skipped (logged).
 #
 # ---- How the lead runs it (device tool) -------------------------------------------------------------
-#   0. Once, on the development machine (network): the wheels the GPU image lacks (~6 MB, git-ignored):
-#        bash benchmarks/gpu/fetch_wheels.sh      # liger-kernel, deepspeed (built from its sdist), hjson,
-#                                                 # pydantic(+core, annotated-types, typing-*), omegaconf
+#   0. Once, on the development machine (network), IN THE CHECKOUT THE DEVICE TOOL SENDS (the session's
+#      own, not a helper's worktree): the wheels the GPU image lacks (~6 MB, git-ignored), with a Python
+#      that has torch (the deepspeed wheel is built from its sdist):
+#        . /work/venv/bin/activate && bash benchmarks/gpu/fetch_wheels.sh
+#                  # liger-kernel, deepspeed, hjson, pydantic(+core, annotated-types, typing-*), omegaconf
+#      (or copy a benchmarks/wheels/ folder fetched elsewhere), then rehearse here at no GPU cost:
+#        DRY_RUN=cpu bash benchmarks/run_gpu.sh   # with PYTHONPATH=python:trainer (the worktree's code)
 #   1. run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"], timeout_s=600)
-#      (a rerun of part of it: e.g. command="SKIP_TESTS=1 SKIP_SANITIZER=1 bash benchmarks/run_gpu.sh")
+#      One call, ~8 min of the 15-minute device budget, plus ~1-2 min to start the machine: there is room
+#      for ONE such run, not two; a rerun of part of it must fit what is left, e.g.
+#        run(command="SKIP_MUFU=1 SKIP_TESTS=1 SKIP_SANITIZER=1 BUDGET_S=200 bash benchmarks/run_gpu.sh", ...)
+#      then give_back() at once.
 #   2. What comes back under files_at (the device tool returns at most 8 files; these are 7):
 #        <gpu>_run_gpu.log        the whole log, written as it goes (each step: "=== name: rc=.. in ..s ===")
 #        <gpu>_summary.txt        one line per step: name, rc (or SKIPPED), seconds, limit
@@ -27,16 +34,18 @@
 #   build           pip install . for this GPU's arch only (poly, the default)          (25 / 150)
 #   import          vespo_ext._cuda loads, build info says poly                         (5 / 30)
 #   smoke           tests/cuda_smoke.py                                                 (8 / 60)
+#   bias_poly       benchmarks/gpu/confident_bias.py: the per-token bias on confident rows, as numbers (10 / 60)
 #   confident_poly  tests/test_confident_rows.py, CUDA cases incl. slow (16384 tokens)  (40 / 120)
 #   bench_poly      bench_vespo_loss --device cuda (T=32768 V=151936 bf16)              (40 / 120)
 #   build_mufu      the same sources, -DVESPO_FWD_EXP=mufu, into /tmp/vespo_mufu        (25 / 150)
-#   import_mufu, confident_mufu, bench_mufu (no torch.compile variant: it is the poly run's)  (80 / 240)
+#   import_mufu, bias_mufu, confident_mufu, bench_mufu (no torch.compile variant: the poly run has it) (90 / 300)
 #   trainer         benchmarks/gpu/trainer_gpu_check.py --device cuda (no Ray)          (40 / 120)
 #   linear          bench_linear_loss --device cuda (no eager variant: 60 GB, known)   (80 / 150)
 #   tests           pytest tests -m "cuda and not slow" (the CUDA cases; CPU ones run in CI)  (45 / 120)
 #   memcheck        compute-sanitizer memcheck on tests/cuda_smoke.py (no caching allocator)  (60 / 120)
 #   racecheck       compute-sanitizer racecheck on tests/cuda_smoke.py --quick          (30 / 60)
-#   Sum of the estimates ~480 s; the old script (build, smoke, full suite, bench) took 245 s.
+#   Sum of the estimates ~500 s; the old script (build, smoke, full suite, bench) took 245 s. What runs
+#   out of budget is the end of the list (sanitizers, then the CUDA tests), logged as SKIPPED (budget).
 #
 # Switches: SKIP_EX2, SKIP_MUFU (no second build: no *_mufu results), SKIP_CONFIDENT, SKIP_BENCH,
 # SKIP_TRAINER, SKIP_LINEAR, SKIP_TESTS, SKIP_SANITIZER=1 leave steps out; BENCH_ARGS, LINEAR_ARGS,
@@ -156,6 +165,7 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 variant() {
   local v=$1 extra=${2:-}
   say "######## forward exponential: $v ########"
+  [ -n "${SKIP_CONFIDENT:-}" ] || step "bias_$v" 60 "$PY" benchmarks/gpu/confident_bias.py --device cuda --T 4096
   # shellcheck disable=SC2086
   [ -n "${SKIP_CONFIDENT:-}" ] || step "confident_$v" 120 "$PY" -m pytest tests/test_confident_rows.py -m cuda -q \
     -p no:cacheprovider $XDIST
