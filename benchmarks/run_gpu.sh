@@ -134,6 +134,7 @@ if [ "$DRY" = cpu ]; then  # the CPU rehearsal: real runs of what needs no GPU, 
   DRY=
   step rehearse_ex2 120 nvcc -O3 -std=c++17 -arch=sm_90 -I csrc/include benchmarks/gpu/ex2_error_scan.cu \
     -o /tmp/ex2_scan_sm90
+  step rehearse_bias 120 "$PY" benchmarks/gpu/confident_bias.py --device cpu --T 256
   step rehearse_trainer 300 "$PY" benchmarks/gpu/trainer_gpu_check.py --device cpu --steps 1
   step rehearse_linear 300 "$PY" benchmarks/bench_linear_loss.py --device cpu --tiny \
     --variants fused-linear,matmul+op,matmul+op-inplace,liger --no-memory
