@@ -158,7 +158,7 @@ BUILD=(-m pip install --no-build-isolation --no-deps -q -C cmake.define.CMAKE_CU
 IMPORT_CHECK="import torch, vespo_ext, vespo_ext._cuda, vespo_ext._backend as b, vespo_ext._build_info as i, sys; \
 assert b.has_kernels(torch.device('cuda')); print('vespo_ext', vespo_ext.__file__, '| forward exp:', i.cuda_fwd_exp, \
 '| archs:', i.cuda_architectures); sys.exit(0 if i.cuda_fwd_exp == sys.argv[1] else 'built with the wrong exponential')"
-step build 150 "$PY" "${BUILD[@]}" .
+step build 150 "$PY" "${BUILD[@]}" -C cmake.define.VESPO_FWD_EXP=poly .  # explicit: the CMake cache keeps a value
 step import 30 "$PY" -c "$IMPORT_CHECK" poly
 step smoke 60 "$PY" tests/cuda_smoke.py
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
