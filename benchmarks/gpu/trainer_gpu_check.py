@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     import random
 
     import vespo_ext
+    from vespo_trainer.batch import learner_view
     from vespo_trainer.data.arith import task_prompts, warmup_texts
     from vespo_trainer.data.prompt import PromptStream
     from vespo_trainer.learner.rank import Learner
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
     log(f"warm-up: {w}")
     mib = sync_weights(learner, worker)
     log(f"weights -> rollout model: {mib:.2f} MiB (weight_sync.publish / load_buckets, local channel)")
+    before = {n: p.detach().float().cpu().clone() for n, p in worker.model.named_parameters()}
 
     # 2. rollout + train_batch rounds
     stream = PromptStream(task_prompts(cfg.task), cfg.trainer.seed, cfg.data.shuffle)
@@ -165,8 +167,6 @@ def main(argv=None) -> int:
         batch, rewards = rollout_batch(worker, cfg, prompts, step)
         if first_batch is None:
             first_batch = batch
-        from vespo_trainer.batch import learner_view
-
         t0 = time.perf_counter()
         out = learner.train_batch(learner_view(batch))
         train_s = time.perf_counter() - t0
@@ -183,9 +183,13 @@ def main(argv=None) -> int:
     own = dict(learner.engine.module.named_parameters())
     diff = max(float((p.detach().float().cpu() - own[n].detach().float().cpu()).abs().max())
                for n, p in worker.model.named_parameters() if n in own)
-    log(f"rollout model vs learner after the last sync: max |diff| {diff:.3g}")
+    moved = max(float((p.detach().float().cpu() - before[n]).abs().max()) for n, p in worker.model.named_parameters())
+    log(f"rollout model vs learner after the last sync: max |diff| {diff:.3g}; moved by the RL steps: {moved:.3g}")
     if diff > 1e-6 and cfg.rollout.dtype == "fp32":
         raise AssertionError(f"weight sync left the rollout model {diff} away from the learner")
+    if not moved > 0:
+        raise AssertionError("the RL steps did not change the rollout model's weights")
+    report["weights_moved_max"] = moved
 
     # 3. the fused-linear loss path on the same first batch, from the same initial weights
     if not args.no_fused_linear_check:
