@@ -50,7 +50,8 @@
 #
 # Switches: SKIP_EX2, SKIP_MUFU (no second build: no *_mufu results), SKIP_CONFIDENT, SKIP_BENCH,
 # SKIP_TRAINER, SKIP_LINEAR, SKIP_TESTS, SKIP_SANITIZER=1 leave steps out; BENCH_ARGS, LINEAR_ARGS,
-# PYTEST_ARGS add arguments; BUDGET_S=<seconds>. DRY_RUN=1 prints the steps with their limits and
+# PYTEST_ARGS add arguments; BUDGET_S=<seconds>; NCU=1 adds an Nsight Compute step per variant (the loss
+# kernels' instructions, bytes, registers and occupancy at T=8192: benchmarks/gpu/one_step.py). DRY_RUN=1 prints the steps with their limits and
 # runs nothing but the wheel selection (works on any machine: bash benchmarks/run_gpu.sh with DRY_RUN=1);
 # DRY_RUN=cpu also rehearses on the CPU what can run there (the trainer check with gloo, a tiny
 # bench_linear_loss, the ex2 scan's compile for sm_90): 1-3 min, worth it before spending GPU time.
@@ -177,6 +178,13 @@ variant() {
     step "bench_$v" 120 "$PY" benchmarks/bench_vespo_loss.py --device cuda --T 32768 --V 151936 --dtype bf16 \
       --json "$json" --note "run_gpu.sh, forward exp=$v (-DVESPO_FWD_EXP=$v)" $extra ${BENCH_ARGS:-}
     keep "$json"
+  fi
+  # opt-in (NCU=1; ~30-60 s a variant, not in the default budget's estimate): instructions and bytes per
+  # element of the loss kernels, in the log (smsp__inst_executed x 32 / (T V) = instructions per element)
+  if [ -n "${NCU:-}" ] && { command -v ncu >/dev/null || [ -n "$DRY" ]; }; then
+    local metrics=smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread
+    step "ncu_$v" 120 ncu --kernel-name regex:'logprob_(fwd|bwd)_kernel' --launch-count 2 --section SpeedOfLight \
+      --section Occupancy --metrics "$metrics" "$PY" benchmarks/gpu/one_step.py --T 8192
   fi
 }
 variant poly
