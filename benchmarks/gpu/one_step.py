@@ -22,7 +22,9 @@ T, V, S = args.T, args.V, args.seqs
 g = torch.Generator("cuda").manual_seed(0)
 logits = (torch.randn(T, V, generator=g, device="cuda") * 2).to(torch.bfloat16).requires_grad_(True)
 labels = torch.randint(0, V, (T,), generator=g, device="cuda")
-old = -12.0 + 0.1 * torch.randn(T, generator=g, device="cuda")
+with torch.no_grad():  # near-on-policy old log-probs (torch, not our kernels: ncu sees only the loss's launches)
+    old = torch.cat([torch.log_softmax(logits[r:r + 2048].float(), -1).gather(1, labels[r:r + 2048, None])[:, 0]
+                     for r in range(0, T, 2048)]) + 0.05 * torch.randn(T, generator=g, device="cuda")
 adv = torch.randn(S, generator=g, device="cuda")
 cu = torch.arange(S + 1, device="cuda") * (T // S)
 torch.cuda.synchronize()
