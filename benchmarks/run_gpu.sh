@@ -40,9 +40,9 @@
 #   build_mufu      the same sources, -DVESPO_FWD_EXP=mufu, into /tmp/vespo_mufu        (25 / 150)
 #   import_mufu, bias_mufu, confident_mufu, bench_mufu (no torch.compile variant: the poly run has it) (90 / 300)
 #   trainer         benchmarks/gpu/trainer_gpu_check.py --device cuda (no Ray)          (40 / 120)
-#   linear          bench_linear_loss --device cuda (no eager variant: 60 GB, known)   (80 / 150)
 #   tests           pytest tests -m "cuda and not slow" (the CUDA cases; CPU ones run in CI;
 #                   test_confident_rows.py ran above, once per variant)                 (45 / 120)
+#   linear          bench_linear_loss --device cuda (no eager variant: 60 GB, known)   (80 / 150)
 #   memcheck        compute-sanitizer memcheck on tests/cuda_smoke.py (no caching allocator)  (60 / 120)
 #   racecheck       compute-sanitizer racecheck on tests/cuda_smoke.py --quick          (30 / 60)
 #   Sum of the estimates ~500 s; the old script (build, smoke, full suite, bench) took 245 s. What runs
@@ -211,7 +211,14 @@ if [ -z "${SKIP_TRAINER:-}" ]; then
   keep "$TJSON"
 fi
 
-# ---- 5. fused linear + loss (issue 13) -------------------------------------------------------------------
+# ---- 5. the CUDA cases of the test suite (the CPU cases run in CI) ----------------------------------------
+XDIST12=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
+# shellcheck disable=SC2086
+[ -n "${SKIP_TESTS:-}" ] || step tests 120 "$PY" -m pytest tests --ignore=tests/trainer \
+  --ignore=tests/test_confident_rows.py -q -m "cuda and not slow" \
+  -p no:cacheprovider $XDIST12 ${PYTEST_ARGS:-}
+
+# ---- 6. fused linear + loss (issue 13) -------------------------------------------------------------------
 if [ -z "${SKIP_LINEAR:-}" ]; then
   LJSON=$RESULTS/linear_${GPU}_bf16.json
   # shellcheck disable=SC2086
@@ -220,13 +227,6 @@ if [ -z "${SKIP_LINEAR:-}" ]; then
     ${LINEAR_ARGS:-}
   keep "$LJSON"
 fi
-
-# ---- 6. the CUDA cases of the test suite (the CPU cases run in CI) ----------------------------------------
-XDIST12=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
-# shellcheck disable=SC2086
-[ -n "${SKIP_TESTS:-}" ] || step tests 120 "$PY" -m pytest tests --ignore=tests/trainer \
-  --ignore=tests/test_confident_rows.py -q -m "cuda and not slow" \
-  -p no:cacheprovider $XDIST12 ${PYTEST_ARGS:-}
 
 # ---- 7. compute-sanitizer on the smoke test. Without torch's caching allocator every tensor is its own
 #         cudaMalloc, so an out-of-bounds access falls outside an allocation and memcheck reports it.
