@@ -93,6 +93,8 @@ def log(msg):
 # -----------------------------------------------------------------------------
 # Inputs: one batch of S sequences of L tokens, deterministic in --seed (the memory workers rebuild it).
 def make_inputs():
+    if is_cuda:
+        return make_inputs_cuda()
     g = torch.Generator().manual_seed(args.seed)
     hidden = torch.randn(T, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * (2.0 / H ** 0.5)).to(dtype)
@@ -108,6 +110,30 @@ def make_inputs():
     cu = torch.arange(S + 1, dtype=torch.int64) * L
     d = dict(hidden=hidden, weight=weight, labels=labels, old=old, adv=adv, mask=mask, cu=cu)
     return {k: v.to(device) for k, v in d.items()}
+
+
+def make_inputs_cuda(rows=4096):
+    """The same recipe on the GPU (its own generator: other values than the CPU's for a seed): at T=32768,
+    H=4096, V=151936 the CPU recipe would build 20 GB of fp32 logits and multiply 2e13 FLOP on the host;
+    here the old log-probs come from `rows` rows of fp32 logits at a time."""
+    g = torch.Generator(device).manual_seed(args.seed)
+    hidden = torch.randn(T, H, generator=g, device=device).to(dtype)
+    weight = (torch.randn(V, H, generator=g, device=device) * (2.0 / H ** 0.5)).to(dtype)
+    labels = torch.randint(0, V, (T,), generator=g, device=device)
+    lp = torch.empty(T, device=device)
+    wf = weight.float()
+    with torch.no_grad():
+        for r0 in range(0, T, rows):
+            z = hidden[r0:r0 + rows].float() @ wf.t()
+            lp[r0:r0 + rows] = z.gather(1, labels[r0:r0 + rows, None])[:, 0] - torch.logsumexp(z, 1)
+            del z
+    del wf
+    old = lp + 0.3 * torch.randn(T, generator=g, device=device) / L ** 0.5
+    adv = torch.randn(S, generator=g, device=device)
+    mask = torch.rand(T, generator=g, device=device) < 0.95
+    mask.view(S, L)[:, 0] = True
+    cu = torch.arange(S + 1, dtype=torch.int64, device=device) * L
+    return dict(hidden=hidden, weight=weight, labels=labels, old=old, adv=adv, mask=mask, cu=cu)
 
 
 def build_variants(x):
@@ -177,9 +203,9 @@ def _status_kb(field):
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_here(name):
-    """Peak extra bytes of one fwd+bwd of `name` (in this process)."""
-    x = make_inputs()
+def memory_here(name, x=None):
+    """Peak extra bytes of one fwd+bwd of `name` (in this process; `x`: the inputs, when already built)."""
+    x = make_inputs() if x is None else x
     fn = build_variants(x)[name]
     h, w = leaves(x)
     fwd_bwd(fn, h, w)  # warm-up: lazy init, thread pools, compilation
@@ -204,9 +230,9 @@ def memory_here(name):
     return (_status_kb("VmHWM") - rss0) * 1024, "VmHWM (fresh subprocess)"
 
 
-def memory(name):
-    if is_cuda:
-        return memory_here(name)
+def memory(name, x=None):
+    if is_cuda:  # in this process, on the inputs of the timing (the caching allocator's statistics)
+        return memory_here(name, x)
     cmd = [sys.executable, os.path.abspath(__file__), "--device", "cpu", "--T", str(T), "--seqs", str(S), "--H", str(H),
            "--V", str(V), "--dtype", dtype_name, "--threads", str(args.threads), "--seed", str(args.seed),
            "--variants", name, "--_mem-worker", name]
@@ -281,8 +307,9 @@ def main():
     if not args.no_memory:
         for n in names:
             try:
-                extra, method = memory(n)
-                results[n].update(peak_extra_mb=extra / MB, transient_mb=(extra - grads_bytes) / MB, memory_method=method)
+                extra, method = memory(n, x)
+                results[n].update(peak_extra_mb=extra / MB, transient_mb=(extra - grads_bytes) / MB,
+                                  memory_method=method)
             except Exception as e:
                 results[n]["memory_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     base = results.get("matmul+op", results[names[0]])

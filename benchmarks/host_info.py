@@ -24,6 +24,12 @@ def host_info(torch_version: str, threads: int) -> dict:
                                      text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git"] = None
+    try:  # what the installed extension was built with (a pip-built install; none for copied modules)
+        from vespo_ext import _build_info as b
+
+        info["build"] = {k: getattr(b, k, None) for k in ("cuda_architectures", "cuda_fwd_exp", "cuda_compiler")}
+    except ImportError:
+        pass
     try:
         with open("/proc/loadavg") as f:
             info["loadavg_start"] = f.read().split()[:3]

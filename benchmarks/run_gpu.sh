@@ -1,97 +1,250 @@
 #!/usr/bin/env bash
-# Build, test, sanitize and benchmark vespo on one CUDA GPU (H100 / H200). About 4 minutes (an H200: 245 s).
+# Everything issues 13 and 18 need from one CUDA GPU (H100 / H200), in ONE command, most valuable first,
+# writing results as it goes. Budget: BUDGET_S (default 530 s) for the whole script; every step has its
+# own limit, cut to what is left of the budget, and a step that no longer fits is skipped (logged).
 #
-#   bash benchmarks/run_gpu.sh          # from anywhere; runs in the repository root
+# ---- How the lead runs it (device tool) -------------------------------------------------------------
+#   0. Once, on the development machine (network), IN THE CHECKOUT THE DEVICE TOOL SENDS (the session's
+#      own, not a helper's worktree): the wheels the GPU image lacks (~6 MB, git-ignored), with a Python
+#      that has torch (the deepspeed wheel is built from its sdist):
+#        . /work/venv/bin/activate && bash benchmarks/gpu/fetch_wheels.sh
+#                  # liger-kernel, deepspeed, hjson, pydantic(+core, annotated-types, typing-*), omegaconf
+#      (or copy a benchmarks/wheels/ folder fetched elsewhere), then rehearse here at no GPU cost:
+#        DRY_RUN=cpu bash benchmarks/run_gpu.sh   # with PYTHONPATH=python:trainer (the worktree's code)
+#   1. run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"], timeout_s=600)
+#      One call, ~8 min of the 15-minute device budget, plus ~1-2 min to start the machine: there is room
+#      for ONE such run, not two; a rerun of part of it must fit what is left, e.g.
+#        run(command="SKIP_MUFU=1 SKIP_TESTS=1 SKIP_SANITIZER=1 BUDGET_S=200 bash benchmarks/run_gpu.sh", ...)
+#      then give_back() at once.
+#   2. What comes back under files_at (the device tool returns at most 8 files; these are 7):
+#        <gpu>_run_gpu.log        the whole log, written as it goes (each step: "=== name: rc=.. in ..s ===")
+#        <gpu>_summary.txt        one line per step: name, rc (or SKIPPED), seconds, limit
+#        <gpu>_ex2_scan.txt       MUFU ex2.approx.ftz.f32 vs float64 exp2 over fp32 [-32, 0), per binade
+#        <gpu>_poly.json          bench_vespo_loss, T=32768 V=151936 bf16, forward exp = software poly (default)
+#        <gpu>_mufu.json          the same with -DVESPO_FWD_EXP=mufu (hardware ex2)
+#        linear_<gpu>_bf16.json   bench_linear_loss, T=32768 H=4096 V=151936 bf16 (fused-linear vs matmul+op
+#                                 vs Liger's fused-linear VESPO; peak memory by torch.cuda.max_memory_allocated)
+#        <gpu>_trainer_check.json benchmarks/gpu/trainer_gpu_check.py: CUDA rollout + DeepSpeed/NCCL steps
+#      Copy them into benchmarks/results/ (the same names; the JSONs are written there too on the GPU box).
+#   Without $OUT (a GPU box of your own) everything is written to benchmarks/results/ only.
 #
-#   1. pip install --no-build-isolation --no-deps .   (CUDA module for this GPU's architecture only)
-#   2. tests/cuda_smoke.py, then python -m pytest tests --ignore=tests/trainer -m "not slow"
-#      (pytest-xdist, 12 workers, when installed; PYTEST_ARGS adds arguments, e.g. PYTEST_ARGS="-k cuda")
-#   3. python benchmarks/bench_vespo_loss.py --device cuda --json benchmarks/results/<gpu>.json
-#   4. compute-sanitizer memcheck on tests/cuda_smoke.py (all shapes, incl. V=151937), and
-#      racecheck on its --quick shapes
+# ---- Steps, in order (estimated seconds on an H200 / limit) --------------------------------------------
+#   wheels          carried wheels the image lacks -> /tmp/vespo_site on PYTHONPATH      (5)
+#   ex2_scan        nvcc + run benchmarks/gpu/ex2_error_scan.cu                         (15 / 60)
+#   build           pip install . for this GPU's arch only (poly, the default)          (25 / 150)
+#   import          vespo_ext._cuda loads, build info says poly                         (5 / 30)
+#   smoke           tests/cuda_smoke.py                                                 (8 / 60)
+#   bias_poly       benchmarks/gpu/confident_bias.py: the per-token bias on confident rows, as numbers (10 / 60)
+#   confident_poly  tests/test_confident_rows.py, CUDA cases incl. slow (16384 tokens)  (40 / 120)
+#   bench_poly      bench_vespo_loss --device cuda (T=32768 V=151936 bf16)              (40 / 120)
+#   build_mufu      the same sources, -DVESPO_FWD_EXP=mufu, into /tmp/vespo_mufu        (25 / 150)
+#   import_mufu, bias_mufu, confident_mufu, bench_mufu (no torch.compile variant: the poly run has it) (90 / 300)
+#   trainer         benchmarks/gpu/trainer_gpu_check.py --device cuda (no Ray)          (40 / 120)
+#   tests           pytest tests -m "cuda and not slow" (the CUDA cases; CPU ones run in CI;
+#                   test_confident_rows.py ran above, once per variant)                 (45 / 120)
+#   linear          bench_linear_loss --device cuda (no eager variant: 60 GB, known)   (80 / 150)
+#   memcheck        compute-sanitizer memcheck on tests/cuda_smoke.py (no caching allocator)  (60 / 120)
+#   racecheck       compute-sanitizer racecheck on tests/cuda_smoke.py --quick          (30 / 60)
+#   Sum of the estimates ~500 s; the old script (build, smoke, full suite, bench) took 245 s. What runs
+#   out of budget is the end of the list (sanitizers, then the CUDA tests), logged as SKIPPED (budget).
 #
-# A failing step does not stop the later ones; the exit code is non-zero if any failed. Each step has
-# a time limit (typical runs take far less); SKIP_TESTS=1, SKIP_SANITIZER=1 or SKIP_BENCH=1 leave a step
-# out on a rerun, and BENCH_ARGS adds arguments to the benchmark (e.g. BENCH_ARGS="--no-compile").
-#
-# Liger-Kernel (the GPU baseline) is not in the GPU image and that machine has no network. To include
-# it, fetch its wheel on the development machine first and carry the folder (it is git-ignored):
-#   python3 -m pip download --no-deps --only-binary=:all: -d benchmarks/wheels liger-kernel==0.8.5
-#   run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"])
-# With $OUT set (the device tool's return folder), the log is written there as it goes and the JSON is
-# copied there right after the benchmark, so a run cut off in the sanitizer step still returns both.
+# Switches: SKIP_EX2, SKIP_MUFU (no second build: no *_mufu results), SKIP_CONFIDENT, SKIP_BENCH,
+# SKIP_TRAINER, SKIP_LINEAR, SKIP_TESTS, SKIP_SANITIZER=1 leave steps out; BENCH_ARGS, LINEAR_ARGS,
+# PYTEST_ARGS add arguments; BUDGET_S=<seconds>; NCU=1 adds an Nsight Compute step per variant (the loss
+# kernels' instructions, bytes, registers and occupancy at T=8192: benchmarks/gpu/one_step.py). DRY_RUN=1 prints the steps with their limits and
+# runs nothing but the wheel selection (works on any machine: bash benchmarks/run_gpu.sh with DRY_RUN=1);
+# DRY_RUN=cpu also rehearses on the CPU what can run there (the trainer check with gloo, a tiny
+# bench_linear_loss, the ex2 scan's compile for sm_90): 1-3 min, worth it before spending GPU time.
+# A failing step does not stop the later ones; the exit code is non-zero if any failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-LOG=${OUT:-/tmp}/run_gpu.log
+export PATH=$PATH:/usr/local/cuda/bin  # nvcc and compute-sanitizer, where the image does not put them on PATH
+BUDGET=${BUDGET_S:-530}
+DRY=${DRY_RUN:-}
+RESULTS=benchmarks/results
+DEST=${OUT:-$RESULTS}  # where the log and summary are written as the run goes
+if [ -n "$DRY" ] && [ -z "${OUT:-}" ]; then DEST=/tmp/run_gpu_dry; fi  # a rehearsal leaves the checkout clean
+mkdir -p "$RESULTS" "$DEST"
+
+GPU=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))" \
+  2>/dev/null)
+[ -n "$GPU" ] || GPU=gpu
+LOG=$DEST/${GPU}_run_gpu.log
+SUMMARY=$DEST/${GPU}_summary.txt
 : >"$LOG"
+: >"$SUMMARY"
 FAILED=()
 
-step() {  # step NAME TIMEOUT_S CMD...
+say() { echo "$*" | tee -a "$LOG"; }
+
+keep() {  # keep FILE...: copy results into $OUT as soon as they exist (a run cut off later still returns them)
+  local f
+  for f in "$@"; do
+    if [ -n "${OUT:-}" ] && [ -f "$f" ] && [ "$(dirname "$f")" != "$OUT" ]; then cp "$f" "$OUT/"; fi
+  done
+}
+
+step() {  # step NAME LIMIT_S CMD...  (limit cut to the budget left; skipped when under 15 s are left)
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - SECONDS - 5))
+  [ "$limit" -le "$left" ] || limit=$left
+  if [ -n "$DRY" ]; then
+    say "[dry] $name (limit ${limit}s): $*"
+    printf '%-16s %-8s %5s %5s\n' "$name" dry 0 "$limit" >>"$SUMMARY"
+    return 0
+  fi
+  if [ "$limit" -lt 15 ]; then
+    say "=== $name: SKIPPED (budget: ${SECONDS}s of ${BUDGET}s used) ==="
+    printf '%-16s %-8s %5s %5s\n' "$name" SKIPPED 0 "$limit" >>"$SUMMARY"
+    FAILED+=("$name(budget)")
+    return 1
+  fi
   local t0=$SECONDS
-  echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
+  say "=== $name (limit ${limit}s, at ${SECONDS}s) ==="
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
-  echo "=== $name: rc=$rc in $((SECONDS - t0))s ===" | tee -a "$LOG"
+  say "=== $name: rc=$rc in $((SECONDS - t0))s ==="
+  printf '%-16s %-8s %5s %5s\n' "$name" "rc=$rc" "$((SECONDS - t0))" "$limit" >>"$SUMMARY"
   [ "$rc" -eq 0 ] || FAILED+=("$name(rc=$rc)")
   return "$rc"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-$PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" 2>&1 | tee -a "$LOG"
+skip() { say "=== $1: skipped ($2) ==="; printf '%-16s %-8s %5s %5s\n' "$1" skipped 0 0 >>"$SUMMARY"; }
 
-# Liger-Kernel from a carried wheel, when it is not installed (pure Python; torch and triton are there).
-if ! $PY -c "import liger_kernel" 2>/dev/null; then
-  if ls benchmarks/wheels/liger_kernel-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/vespo_site benchmarks/wheels/liger_kernel-*.whl \
-      2>&1 | tee -a "$LOG" && export PYTHONPATH=/tmp/vespo_site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "liger-kernel: not installed and no wheel in benchmarks/wheels (the benchmark says so and goes on)" | tee -a "$LOG"
+say "run_gpu.sh: budget ${BUDGET}s, results in $DEST${DRY:+ (DRY_RUN: nothing runs)}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true; } | tee -a "$LOG"
+$PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" \
+  2>&1 | tee -a "$LOG"
+
+# ---- wheels: only those the image lacks (or has older); pure Python but pydantic-core (cp312) ----------
+if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+  mapfile -t WHEELS < <($PY benchmarks/gpu/install_wheels.py benchmarks/wheels 2> >(tee -a "$LOG" >&2))
+  if [ ${#WHEELS[@]} -gt 0 ] && [ -z "$DRY" ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/vespo_site "${WHEELS[@]}" \
+      2>&1 | tee -a "$LOG"
   fi
-fi
-
-# 1. Build. "native" = the architecture of the GPU in this machine: one target instead of three.
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-step build 240 $PY -m pip install --no-build-isolation --no-deps -q \
-  -C cmake.define.CMAKE_CUDA_ARCHITECTURES=native -C cmake.define.VESPO_REQUIRE_CUDA=ON .
-step import 60 $PY -c "import torch, vespo_ext._cuda, vespo_ext._backend as b; \
-assert b.has_kernels(torch.device('cuda')); print('vespo_ext._cuda loaded:', vespo_ext._cuda.__file__)"
-
-# 2. A first look (seconds): the smoke test without the sanitizer, then the kernel test suite
-#    (CPU and CUDA tests under this image's torch; the trainer's tests need Ray and skip here),
-#    spread over the cores with pytest-xdist when it is installed.
-step smoke 60 $PY tests/cuda_smoke.py
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
-# shellcheck disable=SC2086
-[ -n "${SKIP_TESTS:-}" ] || step tests 180 $PY -m pytest tests --ignore=tests/trainer -q -m "not slow" \
-  -p no:cacheprovider $XDIST ${PYTEST_ARGS:-}
-
-# 3. The benchmark (T=32768 V=151936 bf16 by default on CUDA).
-GPU=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '_', torch.cuda.get_device_name().lower()).strip('_'))" 2>/dev/null || echo gpu)
-JSON=benchmarks/results/${GPU}.json
-# shellcheck disable=SC2086
-[ -n "${SKIP_BENCH:-}" ] || step bench 200 $PY benchmarks/bench_vespo_loss.py --device cuda --json "$JSON" ${BENCH_ARGS:-}
-
-if [ -n "${OUT:-}" ] && [ -f "$JSON" ]; then cp "$JSON" "$OUT/"; fi
-
-# 4. compute-sanitizer on the smoke test. Without torch's caching allocator every tensor is its own
-#    cudaMalloc, so an out-of-bounds access falls outside an allocation and memcheck reports it.
-if [ -n "${SKIP_SANITIZER:-}" ]; then
-  echo "sanitizer: skipped (SKIP_SANITIZER)" | tee -a "$LOG"
-elif command -v compute-sanitizer >/dev/null; then
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    --target-processes all $PY tests/cuda_smoke.py
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
-    --target-processes all $PY tests/cuda_smoke.py --quick
+  [ ${#WHEELS[@]} -eq 0 ] || export PYTHONPATH=/tmp/vespo_site${PYTHONPATH:+:$PYTHONPATH}
 else
-  echo "compute-sanitizer not found: no memcheck/racecheck (the smoke test ran plainly in step 2)" | tee -a "$LOG"
+  say "benchmarks/wheels: none carried (benchmarks/gpu/fetch_wheels.sh): no Liger baseline, no trainer check unless installed"
+fi
+BASE_PYTHONPATH=${PYTHONPATH:-}
+
+if [ "$DRY" = cpu ]; then  # the CPU rehearsal: real runs of what needs no GPU, then the dry list below
+  DRY=
+  step rehearse_ex2 120 nvcc -O3 -std=c++17 -arch=sm_90 -I csrc/include benchmarks/gpu/ex2_error_scan.cu \
+    -o /tmp/ex2_scan_sm90
+  step rehearse_bias 120 "$PY" benchmarks/gpu/confident_bias.py --device cpu --T 256
+  step rehearse_trainer 300 "$PY" benchmarks/gpu/trainer_gpu_check.py --device cpu --steps 1
+  step rehearse_linear 300 "$PY" benchmarks/bench_linear_loss.py --device cpu --tiny \
+    --variants fused-linear,matmul+op,matmul+op-inplace,liger --no-memory
+  DRY=cpu
+  BUDGET=$((BUDGET + SECONDS))  # the dry list below shows the GPU limits, not what the rehearsal left
 fi
 
+# ---- 1. MUFU error scan (needs only nvcc): the number the mufu forward's accuracy rests on -------------
+if [ -z "${SKIP_EX2:-}" ]; then
+  EX2=$RESULTS/${GPU}_ex2_scan.txt
+  step ex2_build 60 nvcc -O3 -std=c++17 -arch=native -I csrc/include benchmarks/gpu/ex2_error_scan.cu -o /tmp/ex2_scan
+  [ -n "$DRY" ] || [ -x /tmp/ex2_scan ] && step ex2_scan 60 bash -c "set -o pipefail; /tmp/ex2_scan -32 | tee $EX2"
+  keep "$EX2"
+fi
+
+# ---- 2. build (poly, the default exponential) and a first look ----------------------------------------
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+BUILD=(-m pip install --no-build-isolation --no-deps -q -C cmake.define.CMAKE_CUDA_ARCHITECTURES=native
+       -C cmake.define.VESPO_REQUIRE_CUDA=ON)
+IMPORT_CHECK="import torch, vespo_ext, vespo_ext._cuda, vespo_ext._backend as b, vespo_ext._build_info as i, sys; \
+assert b.has_kernels(torch.device('cuda')); print('vespo_ext', vespo_ext.__file__, '| forward exp:', i.cuda_fwd_exp, \
+'| archs:', i.cuda_architectures); sys.exit(0 if i.cuda_fwd_exp == sys.argv[1] else 'built with the wrong exponential')"
+step build 150 "$PY" "${BUILD[@]}" -C cmake.define.VESPO_FWD_EXP=poly .  # explicit: the CMake cache keeps a value
+step import 30 "$PY" -c "$IMPORT_CHECK" poly
+step smoke 60 "$PY" tests/cuda_smoke.py
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
+
+# variant NAME: the confident-rows accuracy check on CUDA and the benchmark, for the installed build on PYTHONPATH
+variant() {
+  local v=$1 extra=${2:-}
+  say "######## forward exponential: $v ########"
+  [ -n "${SKIP_CONFIDENT:-}" ] || step "bias_$v" 60 "$PY" benchmarks/gpu/confident_bias.py --device cuda --T 4096
+  # shellcheck disable=SC2086
+  [ -n "${SKIP_CONFIDENT:-}" ] || step "confident_$v" 120 "$PY" -m pytest tests/test_confident_rows.py -m cuda -q \
+    -p no:cacheprovider $XDIST
+  if [ -z "${SKIP_BENCH:-}" ]; then
+    local json=$RESULTS/${GPU}_$v.json
+    # shellcheck disable=SC2086
+    step "bench_$v" 120 "$PY" benchmarks/bench_vespo_loss.py --device cuda --T 32768 --V 151936 --dtype bf16 \
+      --json "$json" --note "run_gpu.sh, forward exp=$v (-DVESPO_FWD_EXP=$v)" $extra ${BENCH_ARGS:-}
+    keep "$json"
+  fi
+  # opt-in (NCU=1; ~30-60 s a variant, not in the default budget's estimate): instructions and bytes per
+  # element of the loss kernels, in the log (smsp__inst_executed x 32 / (T V) = instructions per element)
+  if [ -n "${NCU:-}" ] && { command -v ncu >/dev/null || [ -n "$DRY" ]; }; then
+    local metrics=smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread
+    step "ncu_$v" 120 ncu --kernel-name regex:'logprob_(fwd|bwd)_kernel' --launch-count 2 --section SpeedOfLight \
+      --section Occupancy --metrics "$metrics" "$PY" benchmarks/gpu/one_step.py --T 8192
+  fi
+}
+variant poly
+
+# ---- 3. the A/B: the same sources with the hardware exponential, into a separate build dir and target ---
+if [ -z "${SKIP_MUFU:-}" ]; then
+  rm -rf /tmp/vespo_mufu
+  step build_mufu 150 "$PY" "${BUILD[@]}" -C cmake.define.VESPO_FWD_EXP=mufu -C build-dir=build/mufu \
+    --target /tmp/vespo_mufu .
+  export PYTHONPATH=/tmp/vespo_mufu${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}
+  if step import_mufu 30 "$PY" -c "$IMPORT_CHECK" mufu; then variant mufu --no-compile; fi
+  export PYTHONPATH=$BASE_PYTHONPATH
+  say "######## forward exponential: poly again (the installed build) for every later step ########"
+else
+  skip build_mufu SKIP_MUFU
+fi
+
+# ---- 4. the trainer's GPU path (CUDA rollout, DeepSpeed world of 1 on NCCL), in-process, no Ray --------
+if [ -z "${SKIP_TRAINER:-}" ]; then
+  TJSON=$RESULTS/${GPU}_trainer_check.json
+  # DS_ACCELERATOR: the carried DeepSpeed wheel was built on a CPU machine (its build info says "cpu"; the
+  # accelerator is detected at run time anyway, this only makes it explicit)
+  step trainer 120 env DS_ACCELERATOR=cuda "$PY" benchmarks/gpu/trainer_gpu_check.py --device cuda --json "$TJSON"
+  keep "$TJSON"
+fi
+
+# ---- 5. the CUDA cases of the test suite (the CPU cases run in CI) ----------------------------------------
+XDIST12=$($PY -c "import xdist" 2>/dev/null && echo "-n 12")
+# shellcheck disable=SC2086
+[ -n "${SKIP_TESTS:-}" ] || step tests 120 "$PY" -m pytest tests --ignore=tests/trainer \
+  --ignore=tests/test_confident_rows.py -q -m "cuda and not slow" \
+  -p no:cacheprovider $XDIST12 ${PYTEST_ARGS:-}
+
+# ---- 6. fused linear + loss (issue 13) -------------------------------------------------------------------
+if [ -z "${SKIP_LINEAR:-}" ]; then
+  LJSON=$RESULTS/linear_${GPU}_bf16.json
+  # shellcheck disable=SC2086
+  step linear 150 "$PY" benchmarks/bench_linear_loss.py --device cuda --T 32768 --H 4096 --V 151936 --dtype bf16 \
+    --variants fused-linear,matmul+op,matmul+op-inplace,liger --iters 5 --json "$LJSON" --note "run_gpu.sh" \
+    ${LINEAR_ARGS:-}
+  keep "$LJSON"
+fi
+
+# ---- 7. compute-sanitizer on the smoke test. Without torch's caching allocator every tensor is its own
+#         cudaMalloc, so an out-of-bounds access falls outside an allocation and memcheck reports it.
+if [ -n "${SKIP_SANITIZER:-}" ]; then
+  skip sanitizer SKIP_SANITIZER
+elif command -v compute-sanitizer >/dev/null || [ -n "$DRY" ]; then
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    --target-processes all "$PY" tests/cuda_smoke.py
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck 60 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    --target-processes all "$PY" tests/cuda_smoke.py --quick
+else
+  skip sanitizer "compute-sanitizer not found"
+fi
+
+tee -a "$LOG" <"$SUMMARY"
+if [ -n "${OUT:-}" ] && [ -z "$DRY" ]; then cp "$LOG" "$SUMMARY" "$RESULTS/" 2>/dev/null || true; fi
 if [ ${#FAILED[@]} -gt 0 ]; then
-  echo "FAILED steps: ${FAILED[*]} (total ${SECONDS}s)" | tee -a "$LOG"
+  say "FAILED steps: ${FAILED[*]} (total ${SECONDS}s of ${BUDGET}s)"
   exit 1
 fi
-echo "all steps passed (total ${SECONDS}s)" | tee -a "$LOG"
+say "all steps passed (total ${SECONDS}s of ${BUDGET}s)"
