@@ -351,6 +351,14 @@ PYBIND11_MODULE(VESPO_MODULE, m) {
         py::arg("metrics"), py::arg("workspace"), py::kw_only(), py::arg("loss_type"), py::arg("params"),
         py::arg("agg"), py::arg("norm_len"), py::arg("num_threads") = 1, py::arg("stream") = 0,
         "Per-sequence reduction: loss, dloss/dlogp and metrics, no host synchronisation.");
+#if !defined(VESPO_HAS_CUDA_BACKEND)
+  m.def("cpu_isa", [] {
+        std::string name;
+        checked([&] { name = vespo::cpu::active_isa(); });
+        return name;
+      },
+        "Instruction set of the CPU kernels' hot loops: avx512, avx2 or generic (VESPO_CPU_ISA caps it).");
+#endif
   m.def("device_count", [] {
 #if defined(VESPO_HAS_CUDA_BACKEND)
     return be::device_count();

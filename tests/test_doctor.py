@@ -32,7 +32,7 @@ def test_python_m_vespo_ext_reports_and_passes():
     for line in ("cpu  numpy  (dlpack_api)", "cpu  torch  (vespo_loss)"):
         row = next(x for x in out.splitlines() if line in x)
         assert " ok " in row, row
-    assert "clones" in out and out.rstrip().endswith("result: OK")
+    assert "CPU code paths" in out and out.rstrip().endswith("result: OK")
 
 
 def test_python_m_vespo_ext_without_torch():
@@ -78,19 +78,23 @@ def test_gpu_coverage_of_the_built_archs(cc, want):
     assert _doctor._runs_on(cc, "80-real;90-real;90-virtual").startswith(want)
 
 
-def test_cpu_clone_choice(monkeypatch):
-    monkeypatch.setattr(_doctor.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(_doctor, "_cpu_flags", lambda: set(_doctor._X86_64_V3) | {"sse4_2"})
-    assert "runs the x86-64-v3 clone" in _doctor._cpu_clone_line(("x86-64-v3", "default"))
-    monkeypatch.setattr(_doctor, "_cpu_flags", lambda: set(_doctor._X86_64_V3) - {"avx2"})
-    assert "runs the default clone (lacks avx2)" in _doctor._cpu_clone_line(("x86-64-v3", "default"))
+def test_cpu_isa_line(monkeypatch):
+    core = pytest.importorskip("vespo_ext._core")
+    monkeypatch.delenv("VESPO_CPU_ISA", raising=False)
+    line = _doctor._cpu_isa_line(core, ("avx512", "avx2", "generic"))
+    assert line.startswith("CPU code paths avx512, avx2, generic; this CPU runs ")
+    assert line.split("runs ")[1] in ("avx512", "avx2", "generic")
+    monkeypatch.setenv("VESPO_CPU_ISA", "generic")
+    assert _doctor._cpu_isa_line(core, ("generic",)).endswith("runs generic (VESPO_CPU_ISA=generic)")
+    monkeypatch.setenv("VESPO_CPU_ISA", "sse9")
+    assert "VESPO_CPU_ISA must be avx512, avx2 or generic" in _doctor._cpu_isa_line(core, ("generic",))
 
 
 def test_build_info_of_an_installed_build():
     """A pip-built install carries vespo_ext/_build_info.py (CMakeLists.txt writes it); a dev tree may not."""
     info = pytest.importorskip("vespo_ext._build_info", reason="not a pip-built install")
     assert info.version == vespo_ext.__version__
-    assert info.cpu_clones == ("x86-64-v3", "default")
+    assert info.cpu_isas in (("avx512", "avx2", "generic"), ("generic",))
     if info.cuda_built:  # the release archs are checked by tools/build_wheels.sh; a local build may differ
         assert info.cuda_architectures and info.cuda_runtime == "Static"
         assert _doctor._cuda_archs(info.cuda_architectures).startswith(("SASS", "PTX"))

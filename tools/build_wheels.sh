@@ -78,7 +78,7 @@ exec(z.read("vespo_ext/_build_info.py").decode(), info)
 if need_cuda:  # the release archs and runtime (CMakeLists.txt's defaults)
     assert info["cuda_built"] and info["cuda_runtime"] == "Static", info
     assert info["cuda_architectures"] == "80-real;90-real;90-virtual", info["cuda_architectures"]
-print(f"build_wheels:   CPU clones {info['cpu_clones']}; CUDA archs {info.get('cuda_architectures') or 'none'}")
+print(f"build_wheels:   CPU code paths {info['cpu_isas']}; CUDA archs {info.get('cuda_architectures') or 'none'}")
 assert not any("cuda" in n.lower() or "cudart" in n.lower() for n in grafted), f"CUDA libraries grafted: {grafted}"
 with tempfile.TemporaryDirectory() as d:
     for m in mods:

@@ -1,5 +1,5 @@
 // Small CPU building blocks: a deterministic parallel-for over std::thread, a vectorisable exp,
-// element loads/stores for fp32/bf16/fp16, and x86-64-v3 function multiversioning.
+// element loads/stores for fp32/bf16/fp16, and the per-instruction-set code paths (AVX-512, AVX2, baseline).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -8,14 +8,26 @@
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One build runs everywhere; AVX2/FMA/F16C machines take the x86-64-v3 clone at load time.
-#define VESPO_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+// One build runs everywhere: the hot loops are compiled three times (x86-64-v4 = AVX-512,
+// x86-64-v3 = AVX2/FMA/F16C, and the baseline) and `isa()` picks one at run time.
+#define VESPO_X86_DISPATCH 1
+#define VESPO_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define VESPO_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #else
-#define VESPO_MULTIVERSION
+#define VESPO_X86_DISPATCH 0
 #endif
+// Small helpers are always inlined, so that they take the instruction set of the loop they are in.
+#define VESPO_INLINE __attribute__((always_inline)) inline
 
 namespace vespo {
 namespace cpu {
+
+// The instruction set of the CPU kernels' hot loops: the best this CPU supports (checked once),
+// capped by the environment variable VESPO_CPU_ISA=avx512|avx2|generic (for tests and benchmarks of
+// the other code paths on one machine). An unknown value throws std::invalid_argument.
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+Isa isa();
+const char* isa_name(Isa i);
 
 // Static contiguous partition of [0, n) into at most `threads` chunks of at least `grain` items;
 // chunk 0 runs on the calling thread. The partition depends only on (n, threads, grain), so results
@@ -43,40 +55,15 @@ void parallel_for(int64_t n, int threads, int64_t grain, F&& fn) {
   for (auto& th : pool) th.join();
 }
 
-inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-
-// exp(x) for float, vectorisable under `omp simd`: range reduction by ln2 and a degree-6 polynomial
-// (max rel. error ~2 ulp on the full range). Returns 0 for x < -87.3 (incl. -inf); x > 88.3 is clamped
-// to exp(88.3); NaN propagates.
-static inline float fast_expf(float x) {
-  const float lo = -87.3f, hi = 88.3f;
-  const float xc = x > hi ? hi : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the mantissa
-  const float t = xc * 1.44269504088896341f + magic;
-  const float n = t - magic;
-  const int32_t ni = (int32_t)(float_to_bits(t) - float_to_bits(magic));
-  float r = xc - n * 0.693145751953125f;  // ln2 split in two for an exact product
-  r = r - n * 1.428606765330187045e-06f;
-  // exp(r) on |r| <= ln2/2
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const float scale = bits_to_float((uint32_t)((ni + 127) << 23));
-  const float y = p * scale;
-  return x < lo ? 0.0f : y;
-}
+VESPO_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+VESPO_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
 struct bf16_t { uint16_t bits; };
 
-static inline float load(const float* p, int64_t i) { return p[i]; }
-static inline float load(const bf16_t* p, int64_t i) { return bits_to_float((uint32_t)p[i].bits << 16); }
-static inline void store(float* p, int64_t i, float v) { p[i] = v; }
-static inline void store(bf16_t* p, int64_t i, float v) {
+static VESPO_INLINE float load(const float* p, int64_t i) { return p[i]; }
+static VESPO_INLINE float load(const bf16_t* p, int64_t i) { return bits_to_float((uint32_t)p[i].bits << 16); }
+static VESPO_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
+static VESPO_INLINE void store(bf16_t* p, int64_t i, float v) {
   const uint32_t u = float_to_bits(v);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
   p[i].bits = (uint16_t)(v != v ? 0x7FC0u : rounded);
@@ -84,17 +71,17 @@ static inline void store(bf16_t* p, int64_t i, float v) {
 
 #if defined(__FLT16_MAX__)
 using f16_t = _Float16;
-static inline float load(const f16_t* p, int64_t i) { return (float)p[i]; }
-static inline void store(f16_t* p, int64_t i, float v) { p[i] = (f16_t)v; }
+static VESPO_INLINE float load(const f16_t* p, int64_t i) { return (float)p[i]; }
+static VESPO_INLINE void store(f16_t* p, int64_t i, float v) { p[i] = (f16_t)v; }
 #else
 struct f16_t { uint16_t bits; };
-static inline float load(const f16_t* p, int64_t i) {
+static VESPO_INLINE float load(const f16_t* p, int64_t i) {
   const uint32_t h = p[i].bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
   if (exp == 0) return (sign ? -1.f : 1.f) * std::ldexp((float)man, -24);
   if (exp == 31) return bits_to_float(sign | 0x7F800000u | (man << 13));
   return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
 }
-static inline void store(f16_t* p, int64_t i, float v) {
+static VESPO_INLINE void store(f16_t* p, int64_t i, float v) {
   // Round to nearest even through a float trick; handles overflow to inf and subnormals.
   const uint32_t u = float_to_bits(v), sign = (u >> 16) & 0x8000u;
   const float a = std::fabs(v);
@@ -111,72 +98,130 @@ static inline void store(f16_t* p, int64_t i, float v) {
 }
 #endif
 
-// ---- Explicit 8-wide vectors (GCC/Clang vector extensions): the compiler lowers them to AVX2 in
-// the x86-64-v3 clone, to SSE/NEON pairs elsewhere. Auto-vectorisation of the exp loops proved
-// unreliable across clones, so the hot loops are written with these.
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8us __attribute__((vector_size(16)));
-constexpr int64_t kVec = 8;
+// ---- Explicit vectors of N floats (GCC/Clang vector extensions), N = 16 in the AVX-512 loops
+// (one zmm), 8 in the AVX2 loops (one ymm), 4 in the baseline (SSE2/NEON). Wider-than-native
+// vectors are not used: GCC lowers some of their operations lane by lane. Auto-vectorisation of
+// the exp loops proved unreliable, so the hot loops are written with these.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693145751953125f;          // ln 2 in 15 bits: n * kLn2Hi is exact for |n| < 2^9
+constexpr float kLn2Lo = 1.428606765330187045e-06f;   // ln 2 - kLn2Hi
+constexpr float kExpLo = -88.02969193111305f;         // -127 ln 2: rounds to n = -127, whose 2^n bits are 0
+constexpr float kExpHi = 88.02969193111305f;          // 127 ln 2
 
-static inline v8f vsplat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-static inline v8f vload(const float* p) { v8f r; std::memcpy(&r, p, sizeof r); return r; }
-static inline v8f vload(const bf16_t* p) {
-  v8us h;
-  std::memcpy(&h, p, sizeof h);
-  return (v8f)(__builtin_convertvector(h, v8u) << 16);
+// e^x for the kernels' hot loops: x = n ln2 + r with n = round(x log2 e), r by the two-part ln 2
+// (Cody-Waite: exact with or without FMA, so no path's rounding is biased), e^r by its degree-6
+// Taylor polynomial on |r| <= ln2/2 (max rel. error 1.2e-7, odd in r: it averages out over a row),
+// times 2^n built in the exponent field (bits(t) = bits(magic) + n). x <= -127 ln 2 (incl. -inf)
+// gives exactly 0, NaN propagates; HI clamps x > 127 ln 2 (needed only where x can be positive).
+// Vec<N>::exp is the same, lane-wise.
+template <bool HI>
+static VESPO_INLINE float exp_1(float x) {
+  const float magic = 12582912.0f;
+  x = x < kExpLo ? kExpLo : x;
+  if (HI) x = x > kExpHi ? kExpHi : x;
+  const float t = x * kLog2e + magic;
+  const float n = t - magic;
+  float r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float q = 1.0f / 720.0f;
+  q = q * r + 1.0f / 120.0f;
+  q = q * r + 1.0f / 24.0f;
+  q = q * r + 1.0f / 6.0f;
+  q = q * r + 0.5f;
+  q = q * r + 1.0f;
+  q = q * r + 1.0f;
+  return q * bits_to_float((float_to_bits(t) + 127u) << 23);
 }
-static inline void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-static inline void vstore(bf16_t* p, v8f v) {
-  const v8u u = (v8u)v;
-  v8u r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  r = (v != v) ? v8u{} + 0x7FC0u : r;
-  const v8us h = __builtin_convertvector(r, v8us);
-  std::memcpy(p, &h, sizeof h);
-}
+
+template <int N>
+struct VecTypes;
 #if defined(__FLT16_MAX__)
-typedef _Float16 v8h __attribute__((vector_size(16)));
-static inline v8f vload(const f16_t* p) { v8h h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, v8f); }
-static inline void vstore(f16_t* p, v8f v) { const v8h h = __builtin_convertvector(v, v8h); std::memcpy(p, &h, sizeof h); }
+#define VESPO_VEC_TYPES(N)                                          \
+  template <>                                                       \
+  struct VecTypes<N> {                                              \
+    typedef float f __attribute__((vector_size(4 * N)));            \
+    typedef int32_t i __attribute__((vector_size(4 * N)));          \
+    typedef uint32_t u __attribute__((vector_size(4 * N)));         \
+    typedef uint16_t h __attribute__((vector_size(2 * N)));         \
+    typedef _Float16 hf __attribute__((vector_size(2 * N)));        \
+  };
 #else
-static inline v8f vload(const f16_t* p) { v8f r; for (int i = 0; i < 8; ++i) r[i] = load(p, i); return r; }
-static inline void vstore(f16_t* p, v8f v) { for (int i = 0; i < 8; ++i) store(p, i, v[i]); }
+#define VESPO_VEC_TYPES(N)                                          \
+  template <>                                                       \
+  struct VecTypes<N> {                                              \
+    typedef float f __attribute__((vector_size(4 * N)));            \
+    typedef int32_t i __attribute__((vector_size(4 * N)));          \
+    typedef uint32_t u __attribute__((vector_size(4 * N)));         \
+    typedef uint16_t h __attribute__((vector_size(2 * N)));         \
+  };
 #endif
+VESPO_VEC_TYPES(4)
+VESPO_VEC_TYPES(8)
+VESPO_VEC_TYPES(16)
+#undef VESPO_VEC_TYPES
 
-static inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
+template <int N>
+struct Vec {
+  typedef typename VecTypes<N>::f f;
+  typedef typename VecTypes<N>::i i;
+  typedef typename VecTypes<N>::u u;
+  typedef typename VecTypes<N>::h h;
 
-// fast_expf, lane-wise (identical operations).
-static inline v8f vexp(v8f x) {
-  const v8f hi = vsplat(88.3f), magic = vsplat(12582912.0f);
-  const v8f xc = x > hi ? hi : x;
-  const v8f t = xc * 1.44269504088896341f + magic;
-  const v8f n = t - magic;
-  const v8i ni = (v8i)((v8u)t - (v8u)magic);
-  v8f r = xc - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  v8f p = vsplat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const v8f scale = (v8f)((ni + 127) << 23);
-  const v8f y = p * scale;
-  return x < -87.3f ? vsplat(0.f) : y;
-}
+  static VESPO_INLINE f splat(float x) { return f{} + x; }
+  static VESPO_INLINE f load(const float* p) { f r; std::memcpy(&r, p, sizeof r); return r; }
+  static VESPO_INLINE f load(const bf16_t* p) {
+    h x;
+    std::memcpy(&x, p, sizeof x);
+    return (f)(__builtin_convertvector(x, u) << 16);
+  }
+  static VESPO_INLINE void store(float* p, f v) { std::memcpy(p, &v, sizeof v); }
+  static VESPO_INLINE void store(bf16_t* p, f v) {
+    const u b = (u)v;
+    u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    r = (v != v) ? u{} + 0x7FC0u : r;
+    const h x = __builtin_convertvector(r, h);
+    std::memcpy(p, &x, sizeof x);
+  }
+#if defined(__FLT16_MAX__)
+  typedef typename VecTypes<N>::hf hf;
+  static VESPO_INLINE f load(const f16_t* p) { hf x; std::memcpy(&x, p, sizeof x); return __builtin_convertvector(x, f); }
+  static VESPO_INLINE void store(f16_t* p, f v) { const hf x = __builtin_convertvector(v, hf); std::memcpy(p, &x, sizeof x); }
+#else
+  static VESPO_INLINE f load(const f16_t* p) { f r; for (int k = 0; k < N; ++k) r[k] = cpu::load(p, k); return r; }
+  static VESPO_INLINE void store(f16_t* p, f v) { for (int k = 0; k < N; ++k) cpu::store(p, k, v[k]); }
+#endif
+  static VESPO_INLINE f max(f a, f b) { return a > b ? a : b; }
 
-static inline float hsum(v8f v) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
-}
-static inline float hmax(v8f v) {
-  float m = v[0];
-  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
+  // e^x lane-wise (see exp_1 below for the method and its error).
+  template <bool HI>
+  static VESPO_INLINE f exp(f x) {
+    const f magic = splat(12582912.0f);    // 1.5 * 2^23: adding it rounds to an integer in the mantissa
+    x = x < kExpLo ? splat(kExpLo) : x;    // NaN < lo is false: NaN stays
+    if (HI) x = x > kExpHi ? splat(kExpHi) : x;
+    const f t = x * kLog2e + magic;
+    const f n = t - magic;
+    f r = x - n * kLn2Hi;                  // exact: n * kLn2Hi has <= 24 bits, and x is close to it
+    r = r - n * kLn2Lo;
+    f q = splat(1.0f / 720.0f);
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    q = q * r + 1.0f;
+    return q * (f)(((u)t + 127u) << 23);
+  }
+  static VESPO_INLINE float sum(f v) {
+    float s = 0.f;
+    for (int k = 0; k < N; ++k) s += v[k];
+    return s;
+  }
+  static VESPO_INLINE float hmax(f v) {
+    float m = v[0];
+    for (int k = 1; k < N; ++k) m = v[k] > m ? v[k] : m;
+    return m;
+  }
+};
 
 }  // namespace cpu
 }  // namespace vespo

@@ -2,6 +2,7 @@
 // per pass (the second read of a row in the forward hits L2), the gradient is written once, and no
 // T x V temporary is ever allocated.
 #include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 #include <type_traits>
 #include <string>
@@ -30,37 +31,44 @@ void note_bad_row(std::atomic<int64_t>* bad, int64_t row1) {
 
 // Sums one L1-resident chunk of n elements relative to the running max mz: e^x over the elements
 // with x = (z - mz) * it < 0 into the returned tail (and e^x * x into *tail2 for the entropy), and
-// the number of elements with x == 0 exactly (the max term(s), each exactly 1) into *ones.
-// Keeping the ones out of the float lanes is what makes the sum unbiased on confident rows: a lane
-// that already holds 1 rounds away every later term below half an ulp of 1 (6e-8), and a confident
-// row's tail is made of hundreds of such terms. MAXCHUNK=false is the common chunk that cannot
-// hold a max element (x < 0 for all its elements): no per-element test.
-template <class T, bool ENT, bool MAXCHUNK>
-__attribute__((always_inline)) inline float chunk_sum(const T* zc, int64_t n, float mz, float it, float* tail2,
-                                                   int64_t* ones) {
-  const int64_t nv = n - n % (2 * kVec);
-  const v8f vit = vsplat(it), vmz = vsplat(mz), vfloor = vsplat(-100.f), vzero = vsplat(0.f);
-  v8f s0 = vzero, s1 = s0, e0 = s0, e1 = s0;
-  v8i c0 = v8i{} , c1 = c0;
-  for (int64_t v = 0; v < nv; v += 2 * kVec) {
-    const v8f x0 = (vload(zc + v) - vmz) * vit, x1 = (vload(zc + v + kVec) - vmz) * vit;
-    v8f a0 = vexp(x0), a1 = vexp(x1);
+// the number of elements with x == 0 exactly (the max term(s), each exactly 1) into *ones. Keeping the
+// ones out of the float lanes is what makes the sum unbiased on confident rows: a lane that already
+// holds 1 rounds away every later term below half an ulp of 1 (6e-8), and a confident row's tail is
+// made of hundreds of such terms. MAXCHUNK=false is the common chunk that cannot hold a max element
+// (x < 0 for all its elements): no per-element test. While the chunk is summed from L1, the next
+// chunk `nxt` is prefetched, so the memory stream goes on during the arithmetic.
+template <class T, int N, bool ENT, bool MAXCHUNK>
+VESPO_INLINE float chunk_sum(const T* zc, int64_t n, float mz, float it, const T* nxt, float* tail2,
+                             int64_t* ones) {
+  using W = Vec<N>;
+  using vf = typename W::f;
+  using vi = typename W::i;
+  constexpr int64_t kStep = 2 * N, kBytes = kStep * static_cast<int64_t>(sizeof(T));
+  const int64_t nv = n - n % kStep;
+  const vf vit = W::splat(it), vmz = W::splat(mz), vfloor = W::splat(-100.f), vzero = W::splat(0.f);
+  vf s0 = vzero, s1 = s0, e0 = s0, e1 = s0;
+  vi c0 = vi{}, c1 = c0;
+  const char* pf = reinterpret_cast<const char*>(nxt);
+  for (int64_t v = 0; v < nv; v += kStep) {
+    for (int64_t o = 0; o < kBytes; o += 64) __builtin_prefetch(pf + v * static_cast<int64_t>(sizeof(T)) + o, 0, 3);
+    const vf x0 = (W::load(zc + v) - vmz) * vit, x1 = (W::load(zc + v + N) - vmz) * vit;
+    vf a0 = W::template exp<false>(x0), a1 = W::template exp<false>(x1);
     if (MAXCHUNK) {
-      const v8i one0 = x0 == vzero, one1 = x1 == vzero;  // all-ones lanes where x == 0
+      const vi one0 = x0 == vzero, one1 = x1 == vzero;  // all-ones lanes where x == 0
       c0 -= one0; c1 -= one1;
-      a0 = (v8f)((v8i)a0 & ~one0); a1 = (v8f)((v8i)a1 & ~one1);
+      a0 = (vf)((vi)a0 & ~one0); a1 = (vf)((vi)a1 & ~one1);
     }
     s0 += a0; s1 += a1;
     // e^x * x with x floored at -100 (where e^x is 0), so -inf logits add 0, not NaN.
-    if (ENT) { e0 += a0 * vmax(x0, vfloor); e1 += a1 * vmax(x1, vfloor); }
+    if (ENT) { e0 += a0 * W::max(x0, vfloor); e1 += a1 * W::max(x1, vfloor); }
   }
-  float ts = hsum(s0 + s1), ts2 = ENT ? hsum(e0 + e1) : 0.f;
+  float ts = W::sum(s0 + s1), ts2 = ENT ? W::sum(e0 + e1) : 0.f;
   int64_t cnt = 0;
-  if (MAXCHUNK) for (int k = 0; k < kVec; ++k) cnt += c0[k] + c1[k];
+  if (MAXCHUNK) for (int k = 0; k < N; ++k) cnt += c0[k] + c1[k];
   for (int64_t v = nv; v < n; ++v) {
     const float x = (load(zc, v) - mz) * it;
     if (MAXCHUNK && x == 0.f) { ++cnt; continue; }
-    const float e = fast_expf(x);
+    const float e = exp_1<false>(x);
     ts += e;
     if (ENT) ts2 += e * (x > -100.f ? x : -100.f);
   }
@@ -69,8 +77,10 @@ __attribute__((always_inline)) inline float chunk_sum(const T* zc, int64_t n, fl
   return ts;
 }
 
-template <class T>
-VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
+template <class T, int N>
+VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
+  using W = Vec<N>;
+  using vf = typename W::f;
   const T* base = static_cast<const T*>(p.logits);
   const int64_t V = p.V;
   const float it = p.inv_temperature;
@@ -94,14 +104,15 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
     int64_t ones = 0;
     double tail = 0.0, s2 = 0.0;
     for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-      const int64_t n = V - c0 < kChunk ? V - c0 : kChunk, nv = n - n % (2 * kVec);
+      const int64_t n = V - c0 < kChunk ? V - c0 : kChunk, nv = n - n % (2 * N);
       const T* zc = z + c0;
-      v8f m0 = vsplat(-INFINITY), m1 = m0;
-      for (int64_t v = 0; v < nv; v += 2 * kVec) {
-        m0 = vmax(m0, vload(zc + v));
-        m1 = vmax(m1, vload(zc + v + kVec));
+      const T* nxt = c0 + kChunk < V ? zc + kChunk : (t + 1 < r1 ? z + p.row_stride : zc);
+      vf m0 = W::splat(-INFINITY), m1 = m0;
+      for (int64_t v = 0; v < nv; v += 2 * N) {
+        m0 = W::max(m0, W::load(zc + v));
+        m1 = W::max(m1, W::load(zc + v + N));
       }
-      float cm = hmax(vmax(m0, m1));
+      float cm = W::hmax(W::max(m0, m1));
       for (int64_t v = nv; v < n; ++v) cm = load(zc, v) > cm ? load(zc, v) : cm;
       if (cm > mz) {  // rescale what was summed relative to the old max (double: a few per row)
         const double delta = ((double)cm - (double)mz) * (double)it, scale = std::exp(-delta);
@@ -115,11 +126,11 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
       float ts2 = 0.f, ts;
       const bool maxchunk = cm == mz;
       if (want_entropy) {
-        ts = maxchunk ? chunk_sum<T, true, true>(zc, n, mz, it, &ts2, &ones)
-                      : chunk_sum<T, true, false>(zc, n, mz, it, &ts2, &ones);
+        ts = maxchunk ? chunk_sum<T, N, true, true>(zc, n, mz, it, nxt, &ts2, &ones)
+                      : chunk_sum<T, N, true, false>(zc, n, mz, it, nxt, &ts2, &ones);
       } else {
-        ts = maxchunk ? chunk_sum<T, false, true>(zc, n, mz, it, &ts2, &ones)
-                      : chunk_sum<T, false, false>(zc, n, mz, it, &ts2, &ones);
+        ts = maxchunk ? chunk_sum<T, N, false, true>(zc, n, mz, it, nxt, &ts2, &ones)
+                      : chunk_sum<T, N, false, false>(zc, n, mz, it, nxt, &ts2, &ones);
       }
       tail += ts;
       s2 += ts2;
@@ -144,28 +155,29 @@ VESPO_MULTIVERSION void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1,
 
 // Writes g[v] = -c * p_v for v in [b, e), p_v = exp((z_v - m) * it - ls), and returns sum of p_v over
 // the range. (z - m) first: exact for nearby values whatever the logits' offset.
-template <class T>
-__attribute__((always_inline)) inline float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it,
-                                                   float m, float ls) {
-  const v8f vit = vsplat(it), vm = vsplat(m), vls = vsplat(ls), vnc = vsplat(-c);
-  v8f acc = vsplat(0.f);
+template <class T, int N>
+VESPO_INLINE float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it, float m, float ls) {
+  using W = Vec<N>;
+  using vf = typename W::f;
+  const vf vit = W::splat(it), vm = W::splat(m), vls = W::splat(ls), vnc = W::splat(-c);
+  vf acc = W::splat(0.f);
   int64_t v = b;
-  for (; v + kVec <= e; v += kVec) {
-    const v8f pv = vexp((vload(z + v) - vm) * vit - vls);
+  for (; v + N <= e; v += N) {
+    const vf pv = W::template exp<true>((W::load(z + v) - vm) * vit - vls);
     acc += pv;
-    vstore(g + v, vnc * pv);
+    W::store(g + v, vnc * pv);
   }
-  float sum = hsum(acc);
+  float sum = W::sum(acc);
   for (; v < e; ++v) {
-    const float pv = fast_expf((load(z, v) - m) * it - ls);
+    const float pv = exp_1<true>((load(z, v) - m) * it - ls);
     sum += pv;
     store(g, v, -c * pv);
   }
   return sum;
 }
 
-template <class T>
-VESPO_MULTIVERSION void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1) {
+template <class T, int N>
+VESPO_INLINE void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1) {
   const T* zbase = static_cast<const T*>(p.logits);
   T* gbase = static_cast<T*>(p.grad);
   const int64_t V = p.V;
@@ -187,12 +199,47 @@ VESPO_MULTIVERSION void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1)
     const int64_t y = p.labels[t];
     if (y != p.ignore_index && y >= 0 && y < V) {
       // The label's term c * (1 - p_y) as c * sum_{v != y} p_v: exact even when p_y rounds to 1.
-      const float rest = bwd_range(z, g, 0, y, c, it, m, ls) + bwd_range(z, g, y + 1, V, c, it, m, ls);
+      const float rest = bwd_range<T, N>(z, g, 0, y, c, it, m, ls) + bwd_range<T, N>(z, g, y + 1, V, c, it, m, ls);
       store(g, y, c * rest);
     } else {
-      bwd_range(z, g, 0, V, c, it, m, ls);
+      bwd_range<T, N>(z, g, 0, V, c, it, m, ls);
     }
   }
+}
+
+// The row loops, compiled once per instruction set.
+template <class T>
+void fwd_rows_generic(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 4>(p, r0, r1, bad); }
+template <class T>
+void bwd_rows_generic(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 4>(p, r0, r1); }
+#if VESPO_X86_DISPATCH
+template <class T>
+VESPO_TARGET_AVX2 void fwd_rows_avx2(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 8>(p, r0, r1, bad); }
+template <class T>
+VESPO_TARGET_AVX2 void bwd_rows_avx2(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 8>(p, r0, r1); }
+template <class T>
+VESPO_TARGET_AVX512 void fwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 16>(p, r0, r1, bad); }
+template <class T>
+VESPO_TARGET_AVX512 void bwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 16>(p, r0, r1); }
+#endif
+
+template <class T>
+void fwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
+#if VESPO_X86_DISPATCH
+  if (i == Isa::kAvx512) return fwd_rows_avx512<T>(p, r0, r1, bad);
+  if (i == Isa::kAvx2) return fwd_rows_avx2<T>(p, r0, r1, bad);
+#endif
+  (void)i;
+  fwd_rows_generic<T>(p, r0, r1, bad);
+}
+template <class T>
+void bwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1) {
+#if VESPO_X86_DISPATCH
+  if (i == Isa::kAvx512) return bwd_rows_avx512<T>(p, r0, r1);
+  if (i == Isa::kAvx2) return bwd_rows_avx2<T>(p, r0, r1);
+#endif
+  (void)i;
+  bwd_rows_generic<T>(p, r0, r1);
 }
 
 void check_common(const LogprobParams& p, const char* fn) {
@@ -236,16 +283,43 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #endif
 }
 
+Isa detect_isa() {
+#if VESPO_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
+#endif
+  return Isa::kGeneric;
+}
+
 }  // namespace
+
+const char* isa_name(Isa i) { return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "generic"; }
+
+Isa isa() {
+  static const Isa best = detect_isa();
+  const char* env = std::getenv("VESPO_CPU_ISA");
+  if (env == nullptr || *env == 0) return best;
+  const std::string want(env);
+  Isa cap;
+  if (want == "avx512") cap = Isa::kAvx512;
+  else if (want == "avx2") cap = Isa::kAvx2;
+  else if (want == "generic") cap = Isa::kGeneric;
+  else throw std::invalid_argument("VESPO_CPU_ISA must be avx512, avx2 or generic (or unset), got '" + want + "'");
+  return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+}
+
+const char* active_isa() { return isa_name(isa()); }
 
 void logprob_fwd(const LogprobParams& p) {
   check_common(p, "logprob_fwd");
   if (p.T == 0) return;
   if (!p.bad_label_row) throw std::invalid_argument("vespo_ext._core.logprob_fwd: bad_label_row is required");
   std::atomic<int64_t> bad{0};
+  const Isa i = isa();
   dispatch(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    parallel_for(p.T, p.num_threads, row_grain(p.V), [&](int64_t b, int64_t e) { fwd_rows<T>(p, b, e, &bad); });
+    parallel_for(p.T, p.num_threads, row_grain(p.V), [&](int64_t b, int64_t e) { fwd_rows_isa<T>(i, p, b, e, &bad); });
   });
   if (bad.load() != 0) *p.bad_label_row = bad.load();
 }
@@ -258,9 +332,10 @@ void logprob_bwd(const LogprobParams& p) {
   const size_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
   if (p.grad != p.logits)
     advise_huge_pages(p.grad, static_cast<size_t>((p.T - 1) * p.grad_row_stride + p.V) * elem);
+  const Isa i = isa();
   dispatch(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    parallel_for(p.T, p.num_threads, row_grain(p.V), [&](int64_t b, int64_t e) { bwd_rows<T>(p, b, e); });
+    parallel_for(p.T, p.num_threads, row_grain(p.V), [&](int64_t b, int64_t e) { bwd_rows_isa<T>(i, p, b, e); });
   });
 }
 

@@ -1,7 +1,7 @@
 """`python -m vespo_ext`: what this install holds and whether it works here.
 
-Prints the version, how the compiled modules were built (CPU ISA clones, CUDA archs, from the
-CMake-written `_build_info.py`), which CPU clone this machine runs, whether a GPU is visible and
+Prints the version, how the compiled modules were built (CPU code paths, CUDA archs, from the
+CMake-written `_build_info.py`), which CPU code path this machine runs, whether a GPU is visible and
 usable, the torch/CuPy versions found, and a tiny self-check of the fused forward and backward
 against a float64 reference on every available device: the DLPack/NumPy path always (its
 reference is NumPy, so it runs without torch), the torch op on CPU and CUDA when torch is there,
@@ -10,14 +10,13 @@ CuPy on CUDA when CuPy is there. Exit status 0 when everything that could run pa
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 import sys
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-# x86-64-v3 as GCC's target_clones resolver tests it, by /proc/cpuinfo flag names (abm = LZCNT).
-_X86_64_V3 = ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave")
 _LOSS_BUDGET, _GRAD_BUDGET = 2e-4, 2e-4  # relative to the loss / largest reference gradient (tests' budgets)
 
 
@@ -28,27 +27,17 @@ def _try_import(name: str):
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def _cpu_flags() -> Optional[set]:
+def _cpu_isa_line(core, isas) -> str:
+    """The CPU code paths built, and the one this machine runs (the module's own choice)."""
+    built = f"CPU code paths {', '.join(isas)}" if isas else "CPU code paths unknown"
+    if core is None:
+        return built
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_clone_line(clones) -> str:
-    flags = _cpu_flags()
-    if platform.machine() != "x86_64" or not clones:
-        return f"clones {clones or 'none (one generic build)'}"
-    if flags is None:
-        return f"clones {', '.join(clones)}; this CPU's flags are unreadable"
-    missing = [f for f in _X86_64_V3 if f not in flags]
-    run = "default" if missing else "x86-64-v3"
-    why = f" (lacks {' '.join(missing)})" if missing else ""
-    return f"clones {', '.join(clones)}; this CPU runs the {run} clone{why}"
+        run = core.cpu_isa()
+    except ValueError as exc:  # a bad VESPO_CPU_ISA
+        return f"{built}; {exc}"
+    env = os.environ.get("VESPO_CPU_ISA")
+    return f"{built}; this CPU runs {run}" + (f" (VESPO_CPU_ISA={env})" if env else "")
 
 
 def _cuda_archs(spec: str) -> str:
@@ -179,16 +168,16 @@ def main(argv=None, out=None) -> int:
     problems = []
     if info is None:
         p("build     no _build_info.py: not a pip-built install (a development build with copied modules?)")
-        clones, archs = ("x86-64-v3", "default"), None
+        isas, archs = None, None
     else:
         p(f"build     {info.build_type}, {info.cxx_compiler}, for Python {info.python}"
           + (f"; CUDA {info.cuda_compiler}, runtime {info.cuda_runtime}" if info.cuda_built else "; no CUDA module"))
         if info.version != vespo_ext.__version__:
             problems.append(f"compiled modules are from version {info.version}, the Python files {vespo_ext.__version__}")
-        clones, archs = info.cpu_clones, (info.cuda_architectures if info.cuda_built else None)
+        isas, archs = info.cpu_isas, (info.cuda_architectures if info.cuda_built else None)
 
     core, cuda = _backend._load("_core"), _backend._load("_cuda")
-    p(f"_core     {'loaded' if core[0] else 'NOT LOADED: ' + str(core[1])}; {_cpu_clone_line(clones)}")
+    p(f"_core     {'loaded' if core[0] else 'NOT LOADED: ' + str(core[1])}; {_cpu_isa_line(core[0], isas)}")
     if core[0] is None:
         problems.append("the CPU module does not load: reinstall (pip install --force-reinstall vespo)")
     if cuda[0] is not None:

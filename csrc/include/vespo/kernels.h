@@ -8,6 +8,9 @@ namespace cpu {
 void logprob_fwd(const LogprobParams& p);
 void logprob_bwd(const LogprobParams& p);
 void seq_reduce(const SeqParams& p);
+// The instruction set the CPU kernels run on now: "avx512", "avx2" or "generic" (the best this CPU
+// has, capped by the environment variable VESPO_CPU_ISA).
+const char* active_isa();
 }  // namespace cpu
 
 namespace cuda {
