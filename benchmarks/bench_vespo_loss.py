@@ -122,7 +122,7 @@ def machine_info():
                     sms=p.multi_processor_count, cuda=torch.version.cuda)
         info["name"] = info["gpu"]
     else:
-        info["name"] = f"{info['cpu']} ({os.cpu_count()} CPUs)"
+        info["name"] = f"{info['cpu']} ({os.cpu_count()} CPUs, {info.get('cpu_isa', '?')} kernels)"
     return info
 
 

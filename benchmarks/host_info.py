@@ -30,6 +30,12 @@ def host_info(torch_version: str, threads: int) -> dict:
         info["build"] = {k: getattr(b, k, None) for k in ("cuda_architectures", "cuda_fwd_exp", "cuda_compiler")}
     except ImportError:
         pass
+    try:  # the CPU kernels' code path on this machine (avx512 / avx2 / generic; VESPO_CPU_ISA caps it)
+        from vespo_ext import _core
+
+        info["cpu_isa"] = _core.cpu_isa()
+    except (ImportError, ValueError):
+        pass
     try:
         with open("/proc/loadavg") as f:
             info["loadavg_start"] = f.read().split()[:3]
