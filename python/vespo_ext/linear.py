@@ -330,36 +330,43 @@ _linear_policy_loss.register_autograd(_lpl_backward, setup_context=_lpl_setup)
 
 # ---------------------------------------------------------------------------------------------
 # vespo::linear_token_logprobs — per-token log-probs (and entropy); backward recomputes the chunks
+# The forward keeps each row's (row_max, log_sum) (lse = row_max / tau + log_sum): the backward forms
+# p = exp((z - row_max) / tau - log_sum) from them, shift-invariantly as the rest of the core does (z / tau - lse
+# would lose ulp(|z| / tau) of every logit: 4e-3 at |z| = 3e4 in fp32).
 @torch.library.custom_op("vespo::linear_token_logprobs", mutates_args=())
 def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                            inv_temperature: float, with_entropy: bool, ignore_index: int,
-                           chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+                           chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T, V = hidden.shape[0], weight.shape[0]
     f32 = {"dtype": torch.float32, "device": hidden.device}
     head = _Head(hidden, weight, bias, chunk_tokens, False, False, False)
     logp, lse, ent = torch.empty(T, **f32), torch.empty(T, **f32), torch.empty(T if with_entropy else 0, **f32)
+    row_max, log_sum = torch.empty(T, **f32), torch.empty(T, **f32)
     starts = list(range(0, T, chunk_tokens))
     bad = torch.zeros(len(starts), dtype=torch.int64, device=hidden.device)
     for k, s in enumerate(starts):
         e = min(s + chunk_tokens, T)
         ops.rows_logprob_fwd(head.logits(s, e), labels[s:e], None, logp[s:e], lse[s:e],
-                             ent[s:e] if with_entropy else None, bad[k:k + 1], inv_temperature, ignore_index)
+                             ent[s:e] if with_entropy else None, bad[k:k + 1], inv_temperature, ignore_index,
+                             row_max=row_max[s:e], log_sum=log_sum[s:e])
     _raise_bad(bad, starts, labels, V, f"and is not ignore_index={ignore_index}")
-    return logp, lse, ent
+    return logp, row_max, log_sum, ent
 
 
 @_linear_token_logprobs.register_fake
 def _(hidden, weight, bias, labels, inv_temperature, with_entropy, ignore_index, chunk_tokens):
     T = hidden.shape[0]
     return (hidden.new_empty((T,), dtype=torch.float32), hidden.new_empty((T,), dtype=torch.float32),
+            hidden.new_empty((T,), dtype=torch.float32),
             hidden.new_empty((T if with_entropy else 0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("vespo::linear_token_logprobs_bwd", mutates_args=())
 def _linear_token_logprobs_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, logp: Tensor,
-                               lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
-                               inv_temperature: float, ignore_index: int, chunk_tokens: int, need_gh: bool,
-                               need_gw: bool, need_gb: bool) -> tuple[Tensor, Tensor, Tensor]:
+                               row_max: Tensor, log_sum: Tensor, entropy: Tensor, grad_logp: Tensor,
+                               grad_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
+                               chunk_tokens: int, need_gh: bool, need_gw: bool,
+                               need_gb: bool) -> tuple[Tensor, Tensor, Tensor]:
     T = hidden.shape[0]
     head = _Head(hidden, weight, bias, chunk_tokens, need_gh, need_gw, need_gb and bias is not None)
     valid = labels != ignore_index
@@ -369,13 +376,15 @@ def _linear_token_logprobs_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
         z = head.logits(s, e)
         extra = None
         if grad_entropy is not None:
-            # dH/dx_v = -p_v (log p_v + H), x = z / tau (torch on the chunk: the kernel has no entropy backward)
-            lp = z.to(torch.float32) * inv_temperature - lse[s:e, None]
+            # dH/dx_v = -p_v (log p_v + H), x = z / tau (torch on the chunk: the kernel has no entropy backward);
+            # log p_v = (z_v - row_max) / tau - log_sum, shift-invariant like the kernel's p
+            lp = (z.to(torch.float32) - row_max[s:e, None]) * inv_temperature - log_sum[s:e, None]
             p = torch.exp(lp)
             coef = (grad_entropy[s:e].to(torch.float32) * -inv_temperature)[:, None]
             extra = torch.where(p > 0, coef * p * (lp + entropy[s:e, None]), 0.0)
-        ops.rows_logprob_bwd(z, labels[s:e], valid[s:e], logp[s:e], lse[s:e], dlogp[s:e], z, inv_temperature,
-                             ignore_index)
+        # lse is not read when (row_max, log_sum) are given (log_sum stands in for the argument)
+        ops.rows_logprob_bwd(z, labels[s:e], valid[s:e], logp[s:e], log_sum[s:e], dlogp[s:e], z, inv_temperature,
+                             ignore_index, row_max=row_max[s:e], log_sum=log_sum[s:e])
         if extra is not None:
             z.copy_(z.to(torch.float32) + extra)
         head.accumulate(z, s, e)
@@ -383,8 +392,8 @@ def _linear_token_logprobs_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Te
 
 
 @_linear_token_logprobs_bwd.register_fake
-def _(hidden, weight, bias, labels, logp, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
-      chunk_tokens, need_gh, need_gw, need_gb):
+def _(hidden, weight, bias, labels, logp, row_max, log_sum, entropy, grad_logp, grad_entropy, inv_temperature,
+      ignore_index, chunk_tokens, need_gh, need_gw, need_gb):
     return (hidden.new_empty(tuple(hidden.shape) if need_gh else (0,)),
             weight.new_empty(tuple(weight.shape) if need_gw else (0,)),
             hidden.new_empty((weight.shape[0],) if (need_gb and bias is not None) else (0,)))
@@ -392,14 +401,14 @@ def _(hidden, weight, bias, labels, logp, lse, entropy, grad_logp, grad_entropy,
 
 def _ltl_setup(ctx, inputs, output):
     hidden, weight, bias, labels, inv_t, with_entropy, ignore_index, chunk = inputs
-    logp, lse, ent = output
-    ctx.save_for_backward(hidden, weight, bias, labels, logp, lse, ent)
+    logp, row_max, log_sum, ent = output
+    ctx.save_for_backward(hidden, weight, bias, labels, logp, row_max, log_sum, ent)
     ctx.args = (inv_t, with_entropy, ignore_index, chunk)
     ctx.set_materialize_grads(False)  # an unused entropy gets None: its backward term is skipped
 
 
-def _ltl_backward(ctx, g_logp, _g_lse, g_ent):
-    hidden, weight, bias, labels, logp, lse, ent = ctx.saved_tensors
+def _ltl_backward(ctx, g_logp, _g_row_max, _g_log_sum, g_ent):
+    hidden, weight, bias, labels, logp, row_max, log_sum, ent = ctx.saved_tensors
     inv_t, with_entropy, ignore_index, chunk = ctx.args
     need = ctx.needs_input_grad
     if not (need[0] or need[1] or need[2]) or (g_logp is None and g_ent is None):
@@ -407,8 +416,8 @@ def _ltl_backward(ctx, g_logp, _g_lse, g_ent):
     if g_logp is None:
         g_logp = torch.zeros_like(logp)
     gh, gw, gb = torch.ops.vespo.linear_token_logprobs_bwd(
-        hidden, weight, bias, labels, logp, lse, ent, g_logp, g_ent if with_entropy else None, inv_t, ignore_index,
-        chunk, need[0], need[1], need[2] and bias is not None)
+        hidden, weight, bias, labels, logp, row_max, log_sum, ent, g_logp, g_ent if with_entropy else None, inv_t,
+        ignore_index, chunk, need[0], need[1], need[2] and bias is not None)
     return (gh if need[0] else None, gw if need[1] else None, gb if (need[2] and bias is not None) else None) + (None,) * 5
 
 
@@ -475,7 +484,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None,
         return reference.linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                                return_entropy=return_entropy, ignore_index=ignore_index)
     shape = hidden.shape[:-1]
-    logp, _, ent = torch.ops.vespo.linear_token_logprobs(
+    logp, _, _, ent = torch.ops.vespo.linear_token_logprobs(
         _flat(hidden), weight.contiguous(), None if bias is None else bias.contiguous(),
         labels.reshape(-1).to(torch.int64).contiguous(), 1.0 / temperature, bool(return_entropy), int(ignore_index),
         chunk)
