@@ -363,6 +363,29 @@ def test_token_logprobs_backward_is_shift_invariant(offset):
             assert_grad_close(p[k].grad, q[k].grad, 2e-4, what=f"d {k} (offset {offset}, chunk {chunk})")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_logprobs_entropy_backward_with_minus_inf_logits(dtype):
+    """A -inf logit (a banned token's bias) has p = 0: its entropy-gradient term is 0, not 0 * -inf = NaN;
+    the rest matches the float64 reference with a very negative finite bias there."""
+    g = torch.Generator().manual_seed(3)
+    T, H, V = 9, 8, 37
+    h, w = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g)
+    b = torch.zeros(V)
+    b[[3, 5]] = float("-inf")
+    lab = torch.randint(6, V, (T,), generator=g)
+    p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in (("hidden", h), ("weight", w), ("bias", b))}
+    lp, ent = vespo_ext.linear_token_logprobs(p["hidden"], p["weight"], lab, bias=p["bias"], return_entropy=True,
+                                              chunk_tokens=4)
+    (lp.sum() + ent.sum()).backward()
+    q = {k: v.to(dtype).detach().double().requires_grad_(True) for k, v in (("hidden", h), ("weight", w),
+                                                                   ("bias", b.clamp(min=-1e4)))}
+    lr, er = R.linear_token_logprobs(q["hidden"], q["weight"], lab, bias=q["bias"], return_entropy=True)
+    (lr.sum() + er.sum()).backward()
+    assert float(p["bias"].grad[3]) == float(p["bias"].grad[5]) == 0.0
+    for k in _PARAMS:
+        assert_grad_close(p[k].grad, q[k].grad, BUDGET[dtype][1], what=f"d {k}")
+
+
 def test_token_logprobs_compose_with_policy_loss_from_logp():
     inp = make_linear([6, 10, 4], tis=True)
     rest = {k: inp[k] for k in ("old_logp", "advantages", "mask", "cu_seqlens", "rollout_is_weights")}
