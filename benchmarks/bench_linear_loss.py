@@ -15,8 +15,18 @@ same inputs, same thread count:
 Every variant computes the VESPO token-mean loss of S equal-length sequences and the gradients w.r.t.
 hidden and weight. Reported: fwd+bwd time (median over --iters; the variants take turns every
 iteration so that a shared machine's noise hits them alike) and peak extra memory of one fwd+bwd
-(beyond the inputs; the hidden and weight gradients, which every variant must produce, included; the
-"transient" column subtracts them).
+(beyond the inputs), counted two ways, the same way for every variant:
+
+  peak extra           everything alive at the worst moment, the returned hidden and weight gradients
+                       included while they exist (the process's real high-water mark)
+  peak w/o grads       the worst moment of everything else: at each moment the returned gradients' own
+                       buffers (the tensors that end up in hidden.grad / weight.grad) are not counted
+
+The two differ by when each variant's peak happens: the fused op allocates its gradients first and
+holds them throughout (its peak contains them), `matmul` + op peaks in the op's backward, before the
+matmul's backward allocates them (its peak does not). Subtracting the gradients' size from every
+variant's peak (this script's old "transient" column) charged the unfused paths for gradients their
+peak never held.
 
 Memory, CPU: torch's CPU allocator keeps no statistics and tracemalloc does not see torch's allocations,
 so each variant runs in a fresh subprocess (this script with --_mem-worker) that builds the same inputs,
@@ -24,6 +34,11 @@ runs one warm-up fwd+bwd, frees it, malloc_trim()s, resets the resident-set high
 to /proc/self/clear_refs sets VmHWM to the current RSS) and runs one fwd+bwd keeping the gradients:
 peak extra = VmHWM - VmRSS before (every byte of every buffer is written, so it is resident).
 CUDA: torch.cuda.max_memory_allocated over one fwd+bwd minus what was allocated before it.
+Peak w/o grads (both devices): one more fwd+bwd under torch.profiler(profile_memory=True), whose
+allocation events (address, bytes, time) give torch's live bytes over time; the allocations whose
+address ends up as hidden.grad / weight.grad are left out from their allocation on. It sees only
+torch's allocations (not a BLAS's private workspace), so its inclusive peak ("profiled peak") is
+reported too, next to the high-water mark.
 
     python benchmarks/bench_linear_loss.py                   # CUDA if there is one, else CPU (issue 13's configs)
     python benchmarks/bench_linear_loss.py --tiny            # seconds: a CI smoke run
@@ -203,8 +218,47 @@ def _status_kb(field):
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def profiled_peaks(fn, h, w):
+    """(peak, peak without the returned gradients) of torch's live bytes over one fwd+bwd, from the profiler's
+    allocation events; the returned gradients are the allocations whose address hidden.grad / weight.grad
+    hold at the end (counted from that allocation on)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
+    h.grad = w.grad = None
+    gc.collect()
+    vespo_ext.ops.clear_cpu_buffer_cache()  # as before the high-water-mark run: its buffer is allocated in view
+    with profile(activities=acts, profile_memory=True) as prof:
+        fwd_bwd(fn, h, w)
+        sync()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    dev_type = 1 if is_cuda else 0  # c10::DeviceType CPU / CUDA
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == dev_type),
+                 key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    grad_ptrs = {t.grad.data_ptr() for t in (h, w) if t.grad is not None}
+    last_alloc = {}  # address -> index of its last allocation event
+    for i, e in enumerate(mem):
+        if e["args"]["Bytes"] > 0:
+            last_alloc[e["args"]["Addr"]] = i
+    grad_events = {last_alloc[p] for p in grad_ptrs if p in last_alloc}
+    live = grads = peak = peak_wo = 0
+    for i, e in enumerate(mem):
+        live += e["args"]["Bytes"]
+        if i in grad_events:
+            grads += e["args"]["Bytes"]
+        peak, peak_wo = max(peak, live), max(peak_wo, live - grads)
+    return peak, peak_wo, len(grad_events) == len(grad_ptrs)
+
+
 def memory_here(name, x=None):
-    """Peak extra bytes of one fwd+bwd of `name` (in this process; `x`: the inputs, when already built)."""
+    """Peak extra bytes of one fwd+bwd of `name` (in this process; `x`: the inputs, when already built), the
+    method, and the profiled peaks."""
     x = make_inputs() if x is None else x
     fn = build_variants(x)[name]
     h, w = leaves(x)
@@ -218,16 +272,23 @@ def memory_here(name, x=None):
         torch.cuda.reset_peak_memory_stats()
         fwd_bwd(fn, h, w)
         sync()
-        return torch.cuda.max_memory_allocated() - base, "cuda.max_memory_allocated"
+        extra, method = torch.cuda.max_memory_allocated() - base, "cuda.max_memory_allocated"
+    else:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        rss0 = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fwd_bwd(fn, h, w)
+        extra, method = (_status_kb("VmHWM") - rss0) * 1024, "VmHWM (fresh subprocess)"
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    rss0 = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    fwd_bwd(fn, h, w)
-    return (_status_kb("VmHWM") - rss0) * 1024, "VmHWM (fresh subprocess)"
+        prof = profiled_peaks(fn, h, w)
+    except Exception as e:  # noqa: BLE001 - a torch whose profiler has no memory events: the high-water mark only
+        log(f"{name}: profiled memory unavailable ({type(e).__name__}: {e})")
+        prof = None
+    return extra, method, prof
 
 
 def memory(name, x=None):
@@ -242,13 +303,13 @@ def memory(name, x=None):
     for ln in out.stdout.splitlines():
         if ln.startswith("MEM "):
             r = json.loads(ln[4:])
-            return r["extra_bytes"], r["method"]
+            return r["extra_bytes"], r["method"], r["profiled"]
     raise RuntimeError(f"memory worker for {name} failed (rc {out.returncode}): {out.stderr[-2000:]}")
 
 
 if args.mem_worker is not None:
-    extra, method = memory_here(args.mem_worker)
-    print("MEM " + json.dumps({"extra_bytes": extra, "method": method}), flush=True)
+    extra, method, prof = memory_here(args.mem_worker)
+    print("MEM " + json.dumps({"extra_bytes": extra, "method": method, "profiled": prof}), flush=True)
     sys.exit(0)
 
 
@@ -307,28 +368,36 @@ def main():
     if not args.no_memory:
         for n in names:
             try:
-                extra, method = memory(n, x)
-                results[n].update(peak_extra_mb=extra / MB, transient_mb=(extra - grads_bytes) / MB,
-                                  memory_method=method)
+                extra, method, prof = memory(n, x)
+                results[n].update(peak_extra_mb=extra / MB, memory_method=method)
+                if prof is not None:
+                    results[n].update(profiled_peak_mb=prof[0] / MB, peak_wo_grads_mb=prof[1] / MB,
+                                      profiled_grads_found=prof[2])
             except Exception as e:
                 results[n]["memory_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     base = results.get("matmul+op", results[names[0]])
-    print(f"\n{'variant':18s} | {'fwd+bwd ms':>10s} | {'min ms':>8s} | {'vs matmul+op':>12s} | {'peak extra MB':>13s} | "
-          f"{'vs matmul+op':>12s} | {'transient MB':>12s} | loss")
+
+    def col(r, key):
+        if key not in r or key not in base:
+            return f"{'-':>13s} | {'-':>8s}"
+        return f"{r[key]:13.1f} | {r[key] / base[key]:7.3f}x"
+
+    print(f"\n{'variant':18s} | {'fwd+bwd ms':>10s} | {'min ms':>8s} | {'vs matmul+op':>12s} | "
+          f"{'peak extra MB':>13s} | {'vs m+op':>8s} | {'w/o grads MB':>13s} | {'vs m+op':>8s} | "
+          f"{'profiled MB':>11s} | loss")
     for n in names:
         r = results[n]
-        mem = (f"{r['peak_extra_mb']:13.1f} | {r['peak_extra_mb'] / base['peak_extra_mb']:11.3f}x | "
-               f"{r['transient_mb']:12.1f}" if "peak_extra_mb" in r and "peak_extra_mb" in base
-               else f"{'-':>13s} | {'-':>12s} | {'-':>12s}")
+        prof = f"{r['profiled_peak_mb']:11.1f}" if "profiled_peak_mb" in r else f"{'-':>11s}"
         print(f"{n:18s} | {r['fwd_bwd_ms']:10.1f} | {r['fwd_bwd_min_ms']:8.1f} | "
-              f"{r['fwd_bwd_ms'] / base['fwd_bwd_ms']:11.3f}x | {mem} | "
-              f"{r['loss']:.6g}")
+              f"{r['fwd_bwd_ms'] / base['fwd_bwd_ms']:11.3f}x | {col(r, 'peak_extra_mb')} | "
+              f"{col(r, 'peak_wo_grads_mb')} | {prof} | {r['loss']:.6g}")
     if "fused-linear" in results and "liger" in results:
         f, lg = results["fused-linear"], results["liger"]
         print(f"\nfused-linear vs liger: {lg['fwd_bwd_ms'] / f['fwd_bwd_ms']:.2f}x faster"
               + (f", {f['peak_extra_mb'] / lg['peak_extra_mb']:.2f}x its memory" if "peak_extra_mb" in f
                  and "peak_extra_mb" in lg else ""))
-    print(f"(the hidden and weight gradients every variant returns: {grads_bytes / MB:.1f} MB, in peak extra)")
+    print(f"(the hidden and weight gradients every variant returns: {grads_bytes / MB:.1f} MB; 'peak extra' counts "
+          "them while they exist, 'w/o grads' never; 'profiled' = torch's allocations only, grads included)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -333,6 +333,59 @@ def test_token_logprobs_values_entropy_gradients(dtype, chunk):
     assert_grad_close(h.grad.reshape(16, -1), h2.grad, tol, what="d hidden (logp only)")
 
 
+@pytest.mark.parametrize("offset", [3e4, -3e4])
+def test_token_logprobs_backward_is_shift_invariant(offset):
+    """A large constant in the bias changes nothing: the backward forms p = exp((z - row_max)/tau - log_sum)
+    (as the rest of the core does), not exp(z/tau - lse), which loses ~ulp(3e4/tau) = 4e-3 in fp32. The
+    inputs sit on a coarse binary grid so that the fp32 logits (|z| ~ 3e4) are exact and the float64
+    reference sees the very same logits: any error left is the op's."""
+    g = torch.Generator().manual_seed(5)
+    T, H, V = 24, 16, 257
+    hidden = torch.randint(-2, 3, (T, H), generator=g).float()
+    weight = torch.randint(-8, 9, (V, H), generator=g).float() / 16
+    bias = offset + torch.randint(-32, 33, (V,), generator=g).float() / 16
+    lab = torch.randint(0, V, (T,), generator=g)
+    lab[3] = -100
+    c1, c2 = torch.randn(T, generator=g), torch.randn(T, generator=g)
+    for chunk in (5, None):
+        p = {"hidden": hidden.clone().requires_grad_(True), "weight": weight.clone().requires_grad_(True),
+             "bias": bias.clone().requires_grad_(True)}
+        lp, ent = vespo_ext.linear_token_logprobs(p["hidden"], p["weight"], lab, bias=p["bias"], temperature=0.7,
+                                                  return_entropy=True, chunk_tokens=chunk)
+        ((lp * c1).sum() + (ent * c2).sum()).backward()
+        q = {k: v.detach().double().requires_grad_(True) for k, v in p.items()}
+        lr, er = R.linear_token_logprobs(q["hidden"], q["weight"], lab, bias=q["bias"], temperature=0.7,
+                                         return_entropy=True)
+        ((lr * c1.double()).sum() + (er * c2.double()).sum()).backward()
+        assert_grad_close(lp, lr, 2e-4, what="logp")
+        assert_grad_close(ent, er, 2e-4, what="entropy")
+        for k in _PARAMS:
+            assert_grad_close(p[k].grad, q[k].grad, 2e-4, what=f"d {k} (offset {offset}, chunk {chunk})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_logprobs_entropy_backward_with_minus_inf_logits(dtype):
+    """A -inf logit (a banned token's bias) has p = 0: its entropy-gradient term is 0, not 0 * -inf = NaN;
+    the rest matches the float64 reference with a very negative finite bias there."""
+    g = torch.Generator().manual_seed(3)
+    T, H, V = 9, 8, 37
+    h, w = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g)
+    b = torch.zeros(V)
+    b[[3, 5]] = float("-inf")
+    lab = torch.randint(6, V, (T,), generator=g)
+    p = {k: v.to(dtype).clone().requires_grad_(True) for k, v in (("hidden", h), ("weight", w), ("bias", b))}
+    lp, ent = vespo_ext.linear_token_logprobs(p["hidden"], p["weight"], lab, bias=p["bias"], return_entropy=True,
+                                              chunk_tokens=4)
+    (lp.sum() + ent.sum()).backward()
+    q = {k: v.to(dtype).detach().double().requires_grad_(True) for k, v in (("hidden", h), ("weight", w),
+                                                                   ("bias", b.clamp(min=-1e4)))}
+    lr, er = R.linear_token_logprobs(q["hidden"], q["weight"], lab, bias=q["bias"], return_entropy=True)
+    (lr.sum() + er.sum()).backward()
+    assert float(p["bias"].grad[3]) == float(p["bias"].grad[5]) == 0.0
+    for k in _PARAMS:
+        assert_grad_close(p[k].grad, q[k].grad, BUDGET[dtype][1], what=f"d {k}")
+
+
 def test_token_logprobs_compose_with_policy_loss_from_logp():
     inp = make_linear([6, 10, 4], tis=True)
     rest = {k: inp[k] for k in ("old_logp", "advantages", "mask", "cu_seqlens", "rollout_is_weights")}

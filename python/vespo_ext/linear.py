@@ -18,15 +18,22 @@ A final seq_reduce over all T tokens gives the loss and the metrics exactly as `
 
 chunk_tokens=None: a chunk's logits take at most 16 MiB on CPU and 1 GiB on CUDA, i.e.
 chunk_tokens = max(1, budget // (V * itemsize)) (V=32768 fp32 on CPU: 128 tokens; V=151936 bf16 on
-CUDA: 3533 tokens). Peak extra memory: one (chunk, V) buffer in the compute dtype, the hidden and
-weight gradients (the weight gradient accumulated in fp32 when the weight is bf16/fp16: in the GEMM
-itself on CUDA (addmm with an fp32 out), through one (V, H) low-precision partial product per chunk on
-CPU, where torch has no mixed-dtype GEMM), O(T) vectors.
+CUDA: 3533 tokens). The budget is a trade: the weight-gradient GEMM reads and writes the whole (V, H)
+gradient once per chunk, so smaller chunks cost time; larger ones only memory.
+Peak extra memory of linear_policy_loss: one (chunk, V) buffer in the compute dtype (the gradient of a
+chunk's logits is written over it), the hidden and weight gradients, O(T) vectors. With a bf16/fp16
+weight the weight gradient is accumulated in fp32 ((V, H) fp32, converted at the end once the buffer is
+released): in the GEMM itself on CUDA (addmm with an fp32 out); on CPU, where torch has no mixed-dtype
+GEMM, through a (V, H) low-precision partial product per chunk and its fp32 copy (see _addmm_f32_).
+Measured (benchmarks/bench_linear_loss.py, issue 13's CPU config T=2048, H=512, V=32768 fp32, chunk 128):
+88.2 MB in all = 16.9 MB (the buffer, 16.8 MB, and the O(T) vectors) + 71.3 MB of returned gradients.
+linear_token_logprobs' backward: the same, plus two (chunk, V) fp32 buffers when the entropy has a gradient.
 
 Deterministic: fixed chunk order, fixed GEMM shapes, no atomics (bitwise for a given thread count).
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional
 
@@ -45,7 +52,7 @@ _AGG_TOKEN_MEAN, _AGG_SEQ_SUM, _AGG_SEQ_MEAN, _AGG_SUM_NORM = (AGG_IDS[a] for a 
 
 def default_chunk_tokens(V: int, dtype: torch.dtype, device) -> int:
     """Tokens per chunk when chunk_tokens=None: the (chunk, V) logits buffer stays within 16 MiB on
-    CPU (1 GiB on CUDA)."""
+    CPU (1 GiB on CUDA): max(1, budget // (V * itemsize)). See the module docstring for the memory."""
     kind = device.type if hasattr(device, "type") else str(device)
     return max(1, _CHUNK_BYTES.get(kind, _CHUNK_BYTES["cpu"]) // (max(V, 1) * dtype.itemsize))
 
@@ -116,6 +123,7 @@ class _Head:
         self.gw = torch.zeros((V, H) if need_gw else (0,), dtype=acc, device=dev)
         self.gb = torch.zeros((V,) if need_gb else (0,), dtype=torch.float32, device=dev)
         self.need_gh, self.need_gw, self.need_gb = need_gh, need_gw, need_gb
+        self.scratch = {}  # reused temporaries (entropy backward)
 
     def logits(self, s: int, e: int) -> Tensor:
         z = self.buf[: e - s]
@@ -137,7 +145,17 @@ class _Head:
         if self.need_gb:
             self.gb.add_(torch.sum(g, 0, dtype=torch.float32))
 
+    def empty(self, key: str, shape, dtype) -> Tensor:
+        """A temporary of `shape` reused across chunks (allocated once, at its largest: the first chunk's)."""
+        t = self.scratch.get(key)
+        if t is None or t.numel() < math.prod(shape) or t.dtype != dtype:
+            t = self.scratch[key] = torch.empty(math.prod(shape), dtype=dtype, device=self.h.device)
+        return t[: math.prod(shape)].view(shape)
+
     def grads(self):
+        """The finished gradients; the logits buffer and the temporaries are released first (the low-precision
+        weight gradient's fp32 -> dtype conversion then does not coexist with them)."""
+        self.buf, self.scratch = None, {}
         gw = self.gw.to(self.w.dtype) if self.need_gw else self.gw
         gb = self.gb.to(self.b.dtype) if self.need_gb else self.gb
         return self.gh, gw, gb
@@ -148,7 +166,9 @@ _MIXED_ADDMM = {"cuda": True}  # addmm with an fp32 out for bf16/fp16 inputs (at
 
 def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc (fp32) += a @ b for low-precision a, b: one GEMM accumulating into acc where torch offers the
-    mixed-dtype addmm (CUDA), else the low-precision product (one (V, H) temporary) added in fp32."""
+    mixed-dtype addmm (CUDA), else the low-precision product (one (V, H) temporary, plus the fp32 copy of it
+    that torch's mixed-dtype add_ makes) added in fp32. (Slicing the product over V's rows into reused
+    buffers bounds those temporaries but measured 2.5x slower on the CPU in place, so it is not done.)"""
     kind = a.device.type
     if _MIXED_ADDMM.get(kind, False):
         try:
@@ -276,6 +296,7 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
             reduce(s, e, i0, i1)
             for n, (a, b) in enumerate(reversed(cuts)):
                 bwd(z if n == 0 else head.logits(a, b), a, b)
+        z = None  # no view of the logits buffer left: grads() releases it
     else:
         for s, e in pieces:
             fwd(s, e)
@@ -330,61 +351,82 @@ _linear_policy_loss.register_autograd(_lpl_backward, setup_context=_lpl_setup)
 
 # ---------------------------------------------------------------------------------------------
 # vespo::linear_token_logprobs — per-token log-probs (and entropy); backward recomputes the chunks
+# The forward keeps each row's (row_max, log_sum) (lse = row_max / tau + log_sum): the backward forms
+# p = exp((z - row_max) / tau - log_sum) from them, shift-invariantly as the rest of the core does (z / tau - lse
+# would lose ulp(|z| / tau) of every logit: 4e-3 at |z| = 3e4 in fp32).
 @torch.library.custom_op("vespo::linear_token_logprobs", mutates_args=())
 def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                            inv_temperature: float, with_entropy: bool, ignore_index: int,
-                           chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+                           chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T, V = hidden.shape[0], weight.shape[0]
     f32 = {"dtype": torch.float32, "device": hidden.device}
     head = _Head(hidden, weight, bias, chunk_tokens, False, False, False)
     logp, lse, ent = torch.empty(T, **f32), torch.empty(T, **f32), torch.empty(T if with_entropy else 0, **f32)
+    row_max, log_sum = torch.empty(T, **f32), torch.empty(T, **f32)
     starts = list(range(0, T, chunk_tokens))
     bad = torch.zeros(len(starts), dtype=torch.int64, device=hidden.device)
     for k, s in enumerate(starts):
         e = min(s + chunk_tokens, T)
         ops.rows_logprob_fwd(head.logits(s, e), labels[s:e], None, logp[s:e], lse[s:e],
-                             ent[s:e] if with_entropy else None, bad[k:k + 1], inv_temperature, ignore_index)
+                             ent[s:e] if with_entropy else None, bad[k:k + 1], inv_temperature, ignore_index,
+                             row_max=row_max[s:e], log_sum=log_sum[s:e])
     _raise_bad(bad, starts, labels, V, f"and is not ignore_index={ignore_index}")
-    return logp, lse, ent
+    return logp, row_max, log_sum, ent
 
 
 @_linear_token_logprobs.register_fake
 def _(hidden, weight, bias, labels, inv_temperature, with_entropy, ignore_index, chunk_tokens):
     T = hidden.shape[0]
     return (hidden.new_empty((T,), dtype=torch.float32), hidden.new_empty((T,), dtype=torch.float32),
+            hidden.new_empty((T,), dtype=torch.float32),
             hidden.new_empty((T if with_entropy else 0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("vespo::linear_token_logprobs_bwd", mutates_args=())
 def _linear_token_logprobs_bwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, logp: Tensor,
-                               lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
-                               inv_temperature: float, ignore_index: int, chunk_tokens: int, need_gh: bool,
-                               need_gw: bool, need_gb: bool) -> tuple[Tensor, Tensor, Tensor]:
-    T = hidden.shape[0]
+                               row_max: Tensor, log_sum: Tensor, entropy: Tensor, grad_logp: Tensor,
+                               grad_entropy: Optional[Tensor], inv_temperature: float, ignore_index: int,
+                               chunk_tokens: int, need_gh: bool, need_gw: bool,
+                               need_gb: bool) -> tuple[Tensor, Tensor, Tensor]:
+    T, V = hidden.shape[0], weight.shape[0]
     head = _Head(hidden, weight, bias, chunk_tokens, need_gh, need_gw, need_gb and bias is not None)
     valid = labels != ignore_index
+    z = None
     dlogp = grad_logp.to(torch.float32).contiguous()
     for s in range(0, T, chunk_tokens):
         e = min(s + chunk_tokens, T)
         z = head.logits(s, e)
         extra = None
         if grad_entropy is not None:
-            # dH/dx_v = -p_v (log p_v + H), x = z / tau (torch on the chunk: the kernel has no entropy backward)
-            lp = z.to(torch.float32) * inv_temperature - lse[s:e, None]
-            p = torch.exp(lp)
-            coef = (grad_entropy[s:e].to(torch.float32) * -inv_temperature)[:, None]
-            extra = torch.where(p > 0, coef * p * (lp + entropy[s:e, None]), 0.0)
-        ops.rows_logprob_bwd(z, labels[s:e], valid[s:e], logp[s:e], lse[s:e], dlogp[s:e], z, inv_temperature,
-                             ignore_index)
+            # dH/dz_v = -(1/tau) p_v (log p_v + H) (torch on the chunk: the kernel has no entropy backward), with
+            # log p_v = (z_v - row_max) / tau - log_sum, shift-invariant like the kernel's p. In place in two
+            # reused fp32 (chunk, V) buffers. Where p_v = 0 the term is 0: log p_v is clamped (after p is formed)
+            # so that a -inf logit gives 0 * finite, not NaN.
+            n = e - s
+            extra, p = head.empty("ent_lp", (n, V), torch.float32), head.empty("ent_p", (n, V), torch.float32)
+            torch.sub(z, row_max[s:e, None], out=extra)
+            extra.mul_(inv_temperature).sub_(log_sum[s:e, None])
+            torch.exp(extra, out=p)
+            extra.clamp_(min=-1e30).add_(entropy[s:e, None]).mul_(p)
+            extra.mul_((grad_entropy[s:e].to(torch.float32) * -inv_temperature)[:, None])
+        # lse is not read when (row_max, log_sum) are given (log_sum stands in for the argument)
+        ops.rows_logprob_bwd(z, labels[s:e], valid[s:e], logp[s:e], log_sum[s:e], dlogp[s:e], z, inv_temperature,
+                             ignore_index, row_max=row_max[s:e], log_sum=log_sum[s:e])
         if extra is not None:
-            z.copy_(z.to(torch.float32) + extra)
+            if z.dtype == torch.float32:
+                z.add_(extra)
+            else:  # through the fp32 buffer p: a mixed-dtype add_ would copy z to fp32 first
+                p.copy_(z)
+                z.copy_(extra.add_(p))
+            del extra, p
         head.accumulate(z, s, e)
+    z = None  # no view of the logits buffer left: grads() releases it
     return head.grads()
 
 
 @_linear_token_logprobs_bwd.register_fake
-def _(hidden, weight, bias, labels, logp, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index,
-      chunk_tokens, need_gh, need_gw, need_gb):
+def _(hidden, weight, bias, labels, logp, row_max, log_sum, entropy, grad_logp, grad_entropy, inv_temperature,
+      ignore_index, chunk_tokens, need_gh, need_gw, need_gb):
     return (hidden.new_empty(tuple(hidden.shape) if need_gh else (0,)),
             weight.new_empty(tuple(weight.shape) if need_gw else (0,)),
             hidden.new_empty((weight.shape[0],) if (need_gb and bias is not None) else (0,)))
@@ -392,14 +434,14 @@ def _(hidden, weight, bias, labels, logp, lse, entropy, grad_logp, grad_entropy,
 
 def _ltl_setup(ctx, inputs, output):
     hidden, weight, bias, labels, inv_t, with_entropy, ignore_index, chunk = inputs
-    logp, lse, ent = output
-    ctx.save_for_backward(hidden, weight, bias, labels, logp, lse, ent)
+    logp, row_max, log_sum, ent = output
+    ctx.save_for_backward(hidden, weight, bias, labels, logp, row_max, log_sum, ent)
     ctx.args = (inv_t, with_entropy, ignore_index, chunk)
     ctx.set_materialize_grads(False)  # an unused entropy gets None: its backward term is skipped
 
 
-def _ltl_backward(ctx, g_logp, _g_lse, g_ent):
-    hidden, weight, bias, labels, logp, lse, ent = ctx.saved_tensors
+def _ltl_backward(ctx, g_logp, _g_row_max, _g_log_sum, g_ent):
+    hidden, weight, bias, labels, logp, row_max, log_sum, ent = ctx.saved_tensors
     inv_t, with_entropy, ignore_index, chunk = ctx.args
     need = ctx.needs_input_grad
     if not (need[0] or need[1] or need[2]) or (g_logp is None and g_ent is None):
@@ -407,8 +449,8 @@ def _ltl_backward(ctx, g_logp, _g_lse, g_ent):
     if g_logp is None:
         g_logp = torch.zeros_like(logp)
     gh, gw, gb = torch.ops.vespo.linear_token_logprobs_bwd(
-        hidden, weight, bias, labels, logp, lse, ent, g_logp, g_ent if with_entropy else None, inv_t, ignore_index,
-        chunk, need[0], need[1], need[2] and bias is not None)
+        hidden, weight, bias, labels, logp, row_max, log_sum, ent, g_logp, g_ent if with_entropy else None, inv_t,
+        ignore_index, chunk, need[0], need[1], need[2] and bias is not None)
     return (gh if need[0] else None, gw if need[1] else None, gb if (need[2] and bias is not None) else None) + (None,) * 5
 
 
@@ -475,7 +517,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None,
         return reference.linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                                return_entropy=return_entropy, ignore_index=ignore_index)
     shape = hidden.shape[:-1]
-    logp, _, ent = torch.ops.vespo.linear_token_logprobs(
+    logp, _, _, ent = torch.ops.vespo.linear_token_logprobs(
         _flat(hidden), weight.contiguous(), None if bias is None else bias.contiguous(),
         labels.reshape(-1).to(torch.int64).contiguous(), 1.0 / temperature, bool(return_entropy), int(ignore_index),
         chunk)

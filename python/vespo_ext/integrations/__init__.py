@@ -1,7 +1,8 @@
 """Adapters that plug the fused losses into RL frameworks (see docs/integrations.md).
 
 * `vespo_ext.integrations.verl` — registers ``vespo_fused``, ``grpo_fused``, ``gspo_fused``,
-  ``sapo_fused`` and ``cispo_fused`` in veRL's policy-loss registry (importing it registers them).
+  ``sapo_fused`` and ``cispo_fused`` in veRL's policy-loss registry (importing it registers them);
+  ``use_vespo_fused_linear()`` makes veRL's ``use_fused_kernels`` log-probs ``linear_token_logprobs``.
 * `vespo_ext.integrations.trl` — ``FusedGRPOTrainer``, a drop-in TRL ``GRPOTrainer`` whose loss
   runs on the fused op.
 * `vespo_ext.integrations.hf` — the fused linear + policy loss of a Hugging Face causal LM from its

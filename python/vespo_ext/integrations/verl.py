@@ -55,10 +55,18 @@ Deliberate differences from veRL's own functions (each is exercised by tests/tes
 * ``actor/ppo_kl`` is the token mean of ``old - new`` without the ±20 clamp (equal unless a
   token's log-ratio exceeds 20 in size); the VESPO recipe's ``actor/approx_kl`` (a mean over
   sequences of the per-sequence mean) is not reproduced: ``vespo/approx_kl`` is the token mean.
+
+Fused linear (``use_vespo_fused_linear()``): with ``actor_rollout_ref.model.use_fused_kernels=True``
+veRL computes the log-probs and entropy from the last hidden states and ``lm_head.weight`` in a patched
+model forward; ``use_vespo_fused_linear()`` makes that computation ``vespo_ext.linear_token_logprobs``
+(chunked, never the (T, V) logits, exact and deterministic; tests/test_linear_verl.py) for veRL's
+``torch``, ``liger`` and ``triton`` fused-kernel backends. ``VESPO_VERL_FUSED_LINEAR=1`` in the
+environment does it at import (every Ray worker, with ``VERL_USE_EXTERNAL_MODULES``).
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -66,7 +74,8 @@ import torch
 from .. import ops
 from .._spec import LOSS_PARAMS
 
-__all__ = ["LOSS_NAMES", "register", "set_vespo_params", "policy_loss_fn", "compute_policy_loss_vespo_fused",
+__all__ = ["LOSS_NAMES", "register", "set_vespo_params", "policy_loss_fn", "use_vespo_fused_linear",
+           "VespoFusedLinearForPPO", "fused_linear_logprobs", "compute_policy_loss_vespo_fused",
            "compute_policy_loss_grpo_fused", "compute_policy_loss_gspo_fused", "compute_policy_loss_sapo_fused",
            "compute_policy_loss_cispo_fused"]
 
@@ -271,6 +280,119 @@ def register(names=None, **vespo_params: float) -> dict[str, Callable]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The fused-linear path: veRL's use_fused_kernels computes the log-probs (and entropy) from the last hidden
+# states and lm_head.weight in a patched model forward; these are drop-ins for the two functions it calls.
+def fused_linear_logprobs(hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
+                          temperature=1.0, *, chunk_tokens: Optional[int] = None):
+    """(log_probs float32, entropy float32) of softmax(hidden_states @ vocab_weights.T / temperature) at
+    input_ids, shaped like input_ids: vespo_ext.linear_token_logprobs (chunked, never the (T, V) logits;
+    differentiable in hidden_states and vocab_weights through both outputs)."""
+    from .. import linear
+
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError("temperature must be one number (veRL's fused kernels take no per-sample temperature), "
+                             f"got a tensor of shape {tuple(temperature.shape)}")
+        temperature = float(temperature)
+    return linear.linear_token_logprobs(hidden_states, vocab_weights, input_ids, temperature=temperature,
+                                        return_entropy=True, chunk_tokens=chunk_tokens)
+
+
+class VespoFusedLinearForPPO(torch.nn.Module):
+    """Drop-in for veRL's ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (the ``torch`` and
+    ``liger`` fused-kernel backends): same constructor and ``forward(hidden_states, vocab_weights, input_ids,
+    temperature=1.0) -> (log_probs, entropy)``, log_probs float32 and entropy in the hidden states' dtype
+    as veRL's torch backend returns them. ``chunk_size`` is accepted and ignored: the chunk follows
+    ``vespo_ext.linear.default_chunk_tokens`` (or ``chunk_tokens``)."""
+
+    chunk_tokens: Optional[int] = None  # set by use_vespo_fused_linear(chunk_tokens=...)
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        self.chunk_size, self.impl_backend = chunk_size, impl_backend
+
+    def forward(self, hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
+                temperature: float = 1.0):
+        logp, entropy = fused_linear_logprobs(hidden_states, vocab_weights, input_ids, temperature,
+                                              chunk_tokens=self.chunk_tokens)
+        return logp, entropy.to(hidden_states.dtype)
+
+
+def _world_size(group) -> int:
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _make_linear_cross_entropy(original: Callable) -> Callable:
+    def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+        """Drop-in for veRL's ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (the ``triton``
+        backend and Megatron's fused forward): (log_probs, entropy), float32, flattened to (num_tokens,) as
+        veRL's kernel returns them. reduction other than "none" and a vocabulary split over a process group
+        of more than one rank (Megatron tensor parallelism) run veRL's own kernel."""
+        if reduction != "none" or _world_size(dist_process_group) > 1:
+            return original(hidden, weight, labels, temperature, reduction, dist_process_group)
+        logp, entropy = fused_linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                              temperature, chunk_tokens=VespoFusedLinearForPPO.chunk_tokens)
+        return logp, entropy
+
+    linear_cross_entropy.vespo_original = original
+    return linear_cross_entropy
+
+
+# veRL modules that bind linear_cross_entropy at import (patched too when they are already imported)
+_LCE_IMPORTERS = ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap")
+_saved: dict = {}
+
+
+def use_vespo_fused_linear(enable: bool = True, *, chunk_tokens: Optional[int] = None) -> list[str]:
+    """Make veRL's ``use_fused_kernels`` path compute its log-probs and entropy with
+    ``vespo_ext.linear_token_logprobs``; returns the names patched (or restored with ``enable=False``).
+
+    Replaces ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (backends ``torch`` / ``liger``)
+    by ``VespoFusedLinearForPPO`` and ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``
+    (backend ``triton``; also in veRL's Megatron forward modules when they are imported) by a drop-in that
+    hands unsupported calls back to veRL's kernel. veRL's patched model forwards import both at call time,
+    so models patched before or after this call use it. Idempotent. In a Ray job every worker must call
+    it: set ``VESPO_VERL_FUSED_LINEAR=1`` together with ``VERL_USE_EXTERNAL_MODULES=vespo_ext.integrations.verl``.
+    """
+    import importlib
+    import sys
+
+    try:
+        tf = importlib.import_module("verl.utils.experimental.torch_functional")
+        lce = importlib.import_module("verl.utils.kernel.linear_cross_entropy")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "verl":
+            raise ImportError("vespo_ext.integrations.verl.use_vespo_fused_linear() needs veRL (pip install verl)") \
+                from e
+        raise
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens <= 0):
+        raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+    targets = [(tf, "FusedLinearForPPO"), (lce, "linear_cross_entropy")]
+    targets += [(sys.modules[m], "linear_cross_entropy") for m in _LCE_IMPORTERS if m in sys.modules]
+    done = []
+    for mod, attr in targets:
+        key = f"{mod.__name__}.{attr}"
+        if enable:
+            if key not in _saved:
+                _saved[key] = getattr(mod, attr)
+                original = _saved[key]
+                setattr(mod, attr, VespoFusedLinearForPPO if attr == "FusedLinearForPPO"
+                        else _make_linear_cross_entropy(original))
+        elif key in _saved:
+            setattr(mod, attr, _saved.pop(key))
+        else:
+            continue
+        done.append(key)
+    VespoFusedLinearForPPO.chunk_tokens = chunk_tokens if enable else None
+    return done
+
+
 # Importing the module registers the losses when veRL is installed. Without veRL the functions stay
 # usable on their own (tests, other trainers); register() then says what is missing.
 try:
@@ -280,3 +402,5 @@ except ModuleNotFoundError as _e:
         raise
 else:
     register()
+    if os.environ.get("VESPO_VERL_FUSED_LINEAR", "") not in ("", "0"):
+        use_vespo_fused_linear()
