@@ -9,6 +9,7 @@
 
 #include "cpu_common.h"
 #include "vespo/kernels.h"
+#include "vespo/math.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -17,8 +18,6 @@
 namespace vespo {
 namespace cpu {
 namespace {
-
-inline bool counted(const uint8_t* mask, int64_t t) { return mask == nullptr || mask[t] != 0; }
 
 constexpr int64_t kChunk = 2048;  // elements per online-softmax chunk (<= 8 KiB of fp32: stays in L1)
 

@@ -11,8 +11,6 @@ namespace vespo {
 namespace cpu {
 namespace {
 
-inline bool counted(const uint8_t* mask, int64_t t) { return mask == nullptr || mask[t] != 0; }
-
 // Phases A and B for one sequence: fills its record and writes the raw dL_t/dlogp_t.
 void reduce_one(const SeqParams& p, int64_t i, double* rec) {
   for (int k = 0; k < kSeqStride; ++k) rec[k] = 0.0;

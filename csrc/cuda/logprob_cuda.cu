@@ -10,6 +10,7 @@
 #include "common.cuh"
 #include "softmax_state.cuh"
 #include "vespo/kernels.h"
+#include "vespo/math.h"
 
 namespace vespo {
 namespace cuda {
@@ -40,7 +41,7 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
 
   const int64_t t = blockIdx.x;
   const int tid = threadIdx.x;
-  if (p.mask != nullptr && p.mask[t] == 0) {  // uniform over the block: nobody reaches a barrier
+  if (!counted(p.mask, t)) {  // uniform over the block: nobody reaches a barrier
     if (tid == 0) {
       p.logp[t] = 0.f;
       p.lse[t] = 0.f;
@@ -152,7 +153,7 @@ __global__ void __launch_bounds__(BLOCK) logprob_bwd_kernel(const LogprobParams 
   const int tid = threadIdx.x;
   const int V = static_cast<int>(p.V);
   T* grow = static_cast<T*>(p.grad) + t * p.grad_row_stride;
-  const float dl = (p.mask == nullptr || p.mask[t] != 0) ? p.dlogp[t] : 0.f;
+  const float dl = counted(p.mask, t) ? p.dlogp[t] : 0.f;
   if (dl == 0.f) {  // masked or zero upstream gradient (uniform over the block): zeros, read nothing
     zero_row<T, BLOCK>(grow, V);
     return;

@@ -21,11 +21,6 @@ using detail::block_allreduce;
 using detail::MinOp;
 using detail::SumOp;
 
-// Only counted tokens' logp / old_logp / adv / is_weights are ever read.
-__device__ __forceinline__ bool counted(const uint8_t* mask, int64_t t) {
-  return mask == nullptr || mask[t] != 0;
-}
-
 // Token range [b, e) of sequence i, clamped to [0, T] so that a malformed cu_seqlens cannot make a
 // kernel read or write out of bounds (the caller validates it; this is only a guard).
 __device__ __forceinline__ void seq_bounds(const SeqParams& p, int64_t i, int64_t& b, int64_t& e) {

@@ -16,6 +16,8 @@
 namespace vespo {
 
 VESPO_HD double clampd(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
+// Whether token t counts (mask absent = all count). Only counted tokens' inputs are ever read.
+VESPO_HD bool counted(const uint8_t* mask, int64_t t) { return mask == nullptr || mask[t] != 0; }
 VESPO_HD bool finited(double x) { return !(x != x) && x < INFINITY && x > -INFINITY; }
 
 // Per-token contributions to the per-sequence statistics (phase A).
