@@ -11,6 +11,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "vespo/params.h"
 
@@ -37,6 +38,18 @@ inline void ensure_device() {
 }
 
 // Call right after a <<<>>> launch.
+// The one block-size dispatcher: calls f(std::integral_constant<int, B>{}) for the first B of the
+// list equal to `block`, or the last B of the list when none is (the smallest, by convention).
+template <int B, int... Rest, class F>
+void with_block(int block, F&& f) {
+  if constexpr (sizeof...(Rest) == 0) {
+    f(std::integral_constant<int, B>{});
+  } else {
+    if (block == B) f(std::integral_constant<int, B>{});
+    else with_block<Rest...>(block, static_cast<F&&>(f));
+  }
+}
+
 inline void check_launch(const char* kernel) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)

@@ -305,11 +305,9 @@ int pick_block(int64_t V) {
 template <typename T, bool ENT>
 void launch_fwd_t(const LogprobParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.T));
-  switch (pick_block<T>(p.V)) {
-    case 512: logprob_fwd_kernel<T, 512, ENT><<<grid, 512, 0, stream>>>(p); break;
-    case 256: logprob_fwd_kernel<T, 256, ENT><<<grid, 256, 0, stream>>>(p); break;
-    default: logprob_fwd_kernel<T, 128, ENT><<<grid, 128, 0, stream>>>(p); break;
-  }
+  detail::with_block<512, 256, 128>(pick_block<T>(p.V), [&](auto b) {
+    logprob_fwd_kernel<T, decltype(b)::value, ENT><<<grid, decltype(b)::value, 0, stream>>>(p);
+  });
   detail::check_launch("logprob_fwd_kernel");
 }
 
@@ -322,11 +320,9 @@ void launch_fwd(const LogprobParams& p, cudaStream_t stream) {
 template <typename T>
 void launch_bwd(const LogprobParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.T));
-  switch (pick_block<T>(p.V)) {
-    case 512: logprob_bwd_kernel<T, 512><<<grid, 512, 0, stream>>>(p); break;
-    case 256: logprob_bwd_kernel<T, 256><<<grid, 256, 0, stream>>>(p); break;
-    default: logprob_bwd_kernel<T, 128><<<grid, 128, 0, stream>>>(p); break;
-  }
+  detail::with_block<512, 256, 128>(pick_block<T>(p.V), [&](auto b) {
+    logprob_bwd_kernel<T, decltype(b)::value><<<grid, decltype(b)::value, 0, stream>>>(p);
+  });
   detail::check_launch("logprob_bwd_kernel");
 }
 

@@ -186,21 +186,17 @@ void seq_reduce(const SeqParams& p) {
   const int block = pick_seq_block(p.T, p.S);
   const dim3 grid(static_cast<unsigned>(p.S));
   if (p.S > 0) {
-    switch (block) {
-      case 512: seq_stats_kernel<512><<<grid, 512, 0, stream>>>(p); break;
-      case 256: seq_stats_kernel<256><<<grid, 256, 0, stream>>>(p); break;
-      default: seq_stats_kernel<64><<<grid, 64, 0, stream>>>(p); break;
-    }
+    detail::with_block<512, 256, 64>(block, [&](auto b) {
+      seq_stats_kernel<decltype(b)::value><<<grid, decltype(b)::value, 0, stream>>>(p);
+    });
     detail::check_launch("seq_stats_kernel");
   }
   seq_combine_kernel<<<1, kCombineBlock, 0, stream>>>(p);
   detail::check_launch("seq_combine_kernel");
   if (p.S > 0) {
-    switch (block) {
-      case 512: seq_scale_kernel<512><<<grid, 512, 0, stream>>>(p); break;
-      case 256: seq_scale_kernel<256><<<grid, 256, 0, stream>>>(p); break;
-      default: seq_scale_kernel<64><<<grid, 64, 0, stream>>>(p); break;
-    }
+    detail::with_block<512, 256, 64>(block, [&](auto b) {
+      seq_scale_kernel<decltype(b)::value><<<grid, decltype(b)::value, 0, stream>>>(p);
+    });
     detail::check_launch("seq_scale_kernel");
   }
 }
