@@ -152,3 +152,22 @@ def test_from_logp_bad_inputs(case, exc, needle):
         kw["agg"] = "mean"
     with pytest.raises(exc, match=needle):
         vespo_ext.policy_loss_from_logp(lp, **d, **kw)
+
+
+def test_loss_param_order_matches_the_kernels_named_views():
+    """vespo_ext._spec.LOSS_PARAMS's order is how the binding fills SeqParams::p; the kernels read it through
+    the named views in csrc/include/vespo/math.h. The two must name the same parameters in the same order."""
+    import re
+    from pathlib import Path
+
+    from vespo_ext._spec import LOSS_PARAMS
+
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "include" / "vespo" / "math.h").read_text()
+    views = {name: [f.strip() for f in body.replace("double", "").split(",")]
+             for name, body in re.findall(r"struct (\w+Params) \{ double ([^;]+); \};", src)}
+    view_of = {"vespo": "VespoParams", "grpo": "ClipParams", "gspo": "ClipParams", "cispo": "ClipParams",
+               "sapo": "SapoParams"}
+    assert set(view_of) == set(LOSS_PARAMS)
+    for loss, params in LOSS_PARAMS.items():
+        fields = views[view_of[loss]]
+        assert list(params) == fields[:len(params)], (loss, list(params), fields)

@@ -41,6 +41,15 @@ VESPO_HD TokenStats token_stats(float logp, float old_logp, const float* is_w, i
 }
 
 // Per-sequence quantities derived from phase A (written into the sequence's record).
+// Named views of SeqParams::p, one per loss (the layout in params.h; the Python side's order is
+// vespo_ext._spec.LOSS_PARAMS, checked against these names by tests/test_losses.py).
+struct VespoParams { double k_pos, lambda_pos, k_neg, lambda_neg; };
+struct ClipParams { double clip_ratio_low, clip_ratio_high, clip_ratio_c; };  // grpo, gspo, cispo
+struct SapoParams { double tau_pos, tau_neg; };
+VESPO_HD VespoParams vespo_params(const SeqParams& p) { return {p.p[0], p.p[1], p.p[2], p.p[3]}; }
+VESPO_HD ClipParams clip_params(const SeqParams& p) { return {p.p[0], p.p[1], p.p[2]}; }
+VESPO_HD SapoParams sapo_params(const SeqParams& p) { return {p.p[0], p.p[1]}; }
+
 // rec must hold kSlotCount, kSlotLogRatio, kSlotLogTis, kSlotKl and kSlotAdvSign; this fills
 // kSlotLogW (clamped log W), kSlotCoef (phi for VESPO, the sequence ratio exp(min(s_hat, 10)) for
 // GSPO, else 1) and kSlotAux (s_hat for GSPO).
@@ -50,8 +59,9 @@ VESPO_HD void seq_coef(const SeqParams& p, double* rec) {
   double coef = 1.0;
   if (p.loss == LossType::kVespo) {
     const bool pos = rec[kSlotAdvSign] >= 0.0;
-    const double k = pos ? p.p[0] : p.p[2];
-    double lam = pos ? p.p[1] : p.p[3];
+    const VespoParams vp = vespo_params(p);
+    const double k = pos ? vp.k_pos : vp.k_neg;
+    double lam = pos ? vp.lambda_pos : vp.lambda_neg;
     lam = lam > 1e-4 ? lam : 1e-4;
     const double w = exp(s);
     const double log_phi = lam + k * log(w > 1e-8 ? w : 1e-8) - lam * w;
@@ -95,7 +105,8 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
       const double d = logp - (double)old_f;
       const double r = exp(clampd(d, -20.0, 20.0));
       const double dr = (d >= -20.0 && d <= 20.0) ? r : 0.0;
-      const double lo = 1.0 - p.p[0], hi = 1.0 + p.p[1];
+      const ClipParams cp = clip_params(p);
+      const double lo = 1.0 - cp.clip_ratio_low, hi = 1.0 + cp.clip_ratio_high;
       const double pg1 = -adv * r, pg2 = -adv * clampd(r, lo, hi);
       double v, g;
       if (pg2 > pg1) {  // the clipped branch is the max: constant in logp
@@ -107,7 +118,7 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
         g = -adv * dr;
       }
       if (adv < 0.0) {
-        const double pg3 = -adv * p.p[2];
+        const double pg3 = -adv * cp.clip_ratio_c;
         if (v > pg3) {  // dual clip
           v = pg3;
           g = 0.0;
@@ -122,7 +133,8 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
       // d s / d logp = s while s_hat <= 10. Then PPO's clip on s.
       const double s_hat = rec[kSlotAux], s = rec[kSlotCoef];
       const double ds = s_hat > 10.0 ? 0.0 : s;  // NaN propagates
-      const double lo = 1.0 - p.p[0], hi = 1.0 + p.p[1];
+      const ClipParams cp = clip_params(p);
+      const double lo = 1.0 - cp.clip_ratio_low, hi = 1.0 + cp.clip_ratio_high;
       const double pg1 = -adv * s, pg2 = -adv * clampd(s, lo, hi);
       if (pg2 > pg1) {
         out.value = pg2;
@@ -142,7 +154,8 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
       const double d = logp - (double)old_f;
       const double r = exp(clampd(d, -20.0, 20.0));
       const double dr = (d >= -20.0 && d <= 20.0) ? r : 0.0;
-      const double tau = adv > 0.0 ? p.p[0] : p.p[1];
+      const SapoParams sp = sapo_params(p);
+      const double tau = adv > 0.0 ? sp.tau_pos : sp.tau_neg;
       const double sig = 1.0 / (1.0 + exp(-tau * (r - 1.0)));
       const double scale = 4.0 / tau;
       out.value = -scale * sig * adv * w_tis;
@@ -153,7 +166,8 @@ VESPO_HD TokenLoss token_loss(const SeqParams& p, const double* rec, float logp_
       // L = -sg(clamp(r, 1 - eps_low, 1 + eps_high)) * A * logp.
       const double d = logp - (double)old_f;
       const double r = exp(d);
-      const double lo = 1.0 - p.p[0], hi = 1.0 + p.p[1];
+      const ClipParams cp = clip_params(p);
+      const double lo = 1.0 - cp.clip_ratio_low, hi = 1.0 + cp.clip_ratio_high;
       const double rc = clampd(r, lo, hi);
       if (r < lo || r > hi) out.clip |= 1 | (r < lo ? 2 : 0) | (r > hi ? 4 : 0);
       out.value = -rc * adv * logp * w_tis;
