@@ -13,7 +13,7 @@ import importlib
 import os
 import platform
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 
