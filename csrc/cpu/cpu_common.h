@@ -136,16 +136,10 @@ static VESPO_INLINE float exp_1(float x) {
 template <int N>
 struct VecTypes;
 #if defined(__FLT16_MAX__)
-#define VESPO_VEC_TYPES(N)                                          \
-  template <>                                                       \
-  struct VecTypes<N> {                                              \
-    typedef float f __attribute__((vector_size(4 * N)));            \
-    typedef int32_t i __attribute__((vector_size(4 * N)));          \
-    typedef uint32_t u __attribute__((vector_size(4 * N)));         \
-    typedef uint16_t h __attribute__((vector_size(2 * N)));         \
-    typedef _Float16 hf __attribute__((vector_size(2 * N)));        \
-  };
+#define VESPO_VEC_HALF(N) typedef _Float16 hf __attribute__((vector_size(2 * N)));
 #else
+#define VESPO_VEC_HALF(N)
+#endif
 #define VESPO_VEC_TYPES(N)                                          \
   template <>                                                       \
   struct VecTypes<N> {                                              \
@@ -153,12 +147,13 @@ struct VecTypes;
     typedef int32_t i __attribute__((vector_size(4 * N)));          \
     typedef uint32_t u __attribute__((vector_size(4 * N)));         \
     typedef uint16_t h __attribute__((vector_size(2 * N)));         \
+    VESPO_VEC_HALF(N)                                               \
   };
-#endif
 VESPO_VEC_TYPES(4)
 VESPO_VEC_TYPES(8)
 VESPO_VEC_TYPES(16)
 #undef VESPO_VEC_TYPES
+#undef VESPO_VEC_HALF
 
 template <int N>
 struct Vec {
