@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 import vespo_ext
 from vespo_ext import reference as R
-from host_info import host_info  # benchmarks/host_info.py, a sibling module
+from host_info import host_info, status_kb  # benchmarks/host_info.py, a sibling module
 
 parser = argparse.ArgumentParser(description="fused linear + VESPO loss vs matmul + op / eager / Liger")
 parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -210,14 +210,6 @@ def fwd_bwd(fn, h, w):
 
 # -----------------------------------------------------------------------------
 # Memory
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for ln in f:
-            if ln.startswith(field + ":"):
-                return int(ln.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def profiled_peaks(fn, h, w):
     """(peak, peak without the returned gradients) of torch's live bytes over one fwd+bwd, from the profiler's
     allocation events; the returned gradients are the allocations whose address hidden.grad / weight.grad
@@ -278,11 +270,11 @@ def memory_here(name, x=None):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:
             pass
-        rss0 = _status_kb("VmRSS")
+        rss0 = status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         fwd_bwd(fn, h, w)
-        extra, method = (_status_kb("VmHWM") - rss0) * 1024, "VmHWM (fresh subprocess)"
+        extra, method = (status_kb("VmHWM") - rss0) * 1024, "VmHWM (fresh subprocess)"
     try:
         prof = profiled_peaks(fn, h, w)
     except Exception as e:  # noqa: BLE001 - a torch whose profiler has no memory events: the high-water mark only

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import vespo_ext  # noqa: E402
-from host_info import host_info  # noqa: E402  (benchmarks/host_info.py, a sibling module)
+from host_info import host_info, status_kb  # noqa: E402  (benchmarks/host_info.py, a sibling module)
 
 # -----------------------------------------------------------------------------
 # Arguments
@@ -436,14 +436,6 @@ def cuda_peak_extra(prepare, loss_fn):
 # If clear_refs is not writable, a thread samples VmRSS every 0.2 ms instead (marked "sampled").
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for ln in f:
-            if ln.startswith(field + ":"):
-                return int(ln.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def cpu_peak_extra_here(prepare, loss_fn):
     """Run inside the worker: returns (extra bytes, method)."""
     loss, g = fwd_bwd(prepare, loss_fn)  # warm-up
@@ -457,7 +449,7 @@ def cpu_peak_extra_here(prepare, loss_fn):
     except OSError:
         pass
     x = prepare()
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -467,20 +459,20 @@ def cpu_peak_extra_here(prepare, loss_fn):
     if method == "VmHWM":
         loss = loss_fn(x)
         (g,) = torch.autograd.grad(loss, x)
-        peak = _status_kb("VmHWM")
+        peak = status_kb("VmHWM")
     else:
         import threading
         stop, seen = threading.Event(), [rss0]
 
         def sample():
             while not stop.is_set():
-                seen.append(_status_kb("VmRSS"))
+                seen.append(status_kb("VmRSS"))
                 time.sleep(0.0002)
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         loss = loss_fn(x)
         (g,) = torch.autograd.grad(loss, x)
-        seen.append(_status_kb("VmRSS"))
+        seen.append(status_kb("VmRSS"))
         stop.set()
         th.join()
         peak = max(seen)

@@ -1,5 +1,5 @@
-"""What both CPU/GPU benchmark scripts record about the machine they ran on (imported by them as a
-sibling module: they run as `python benchmarks/<script>.py`)."""
+"""What both CPU/GPU benchmark scripts record about the machine they ran on, and the process-memory reader
+both use (imported by them as a sibling module: they run as `python benchmarks/<script>.py`)."""
 from __future__ import annotations
 
 import os
@@ -42,3 +42,12 @@ def host_info(torch_version: str, threads: int) -> dict:
     except OSError:
         pass
     return info
+
+
+def status_kb(field: str) -> int:
+    """A kB field of /proc/self/status (VmRSS, VmHWM): the benchmarks' CPU memory measurements."""
+    with open("/proc/self/status") as f:
+        for ln in f:
+            if ln.startswith(field + ":"):
+                return int(ln.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
