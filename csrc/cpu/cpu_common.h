@@ -98,15 +98,29 @@ static VESPO_INLINE void store(f16_t* p, int64_t i, float v) {
 }
 #endif
 
-// ---- Explicit vectors of N floats (GCC/Clang vector extensions), N = 16 in the AVX-512 loops
-// (one zmm), 8 in the AVX2 loops (one ymm), 4 in the baseline (SSE2/NEON). Wider-than-native
-// vectors are not used: GCC lowers some of their operations lane by lane. Auto-vectorisation of
-// the exp loops proved unreliable, so the hot loops are written with these.
+// ---- The exponential of the hot loops (scalar here, lane-wise in Vec<N>::exp).
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693145751953125f;          // ln 2 in 15 bits: n * kLn2Hi is exact for |n| < 2^9
 constexpr float kLn2Lo = 1.428606765330187045e-06f;   // ln 2 - kLn2Hi
 constexpr float kExpLo = -88.02969193111305f;         // -127 ln 2: rounds to n = -127, whose 2^n bits are 0
 constexpr float kExpHi = 88.02969193111305f;          // 127 ln 2
+constexpr float kExpMagic = 12582912.0f;              // 1.5 * 2^23: adding it rounds to an integer in the mantissa
+
+// e^(x - n ln 2) for t = x log2 e + kExpMagic (so n = t - kExpMagic), for a float or a vector of
+// floats: the same operations either way, so a row's scalar tail and its vector lanes agree.
+template <class F>
+static VESPO_INLINE F exp_reduced(F x, F t) {
+  const F n = t - kExpMagic;
+  F r = x - n * kLn2Hi;  // exact: n * kLn2Hi has <= 24 bits, and x is close to it
+  r = r - n * kLn2Lo;
+  F q = r * (1.0f / 720.0f) + 1.0f / 120.0f;
+  q = q * r + 1.0f / 24.0f;
+  q = q * r + 1.0f / 6.0f;
+  q = q * r + 0.5f;
+  q = q * r + 1.0f;
+  q = q * r + 1.0f;
+  return q;
+}
 
 // e^x for the kernels' hot loops: x = n ln2 + r with n = round(x log2 e), r by the two-part ln 2
 // (Cody-Waite: exact with or without FMA, so no path's rounding is biased), e^r by its degree-6
@@ -116,23 +130,16 @@ constexpr float kExpHi = 88.02969193111305f;          // 127 ln 2
 // Vec<N>::exp is the same, lane-wise.
 template <bool HI>
 static VESPO_INLINE float exp_1(float x) {
-  const float magic = 12582912.0f;
   x = x < kExpLo ? kExpLo : x;
   if (HI) x = x > kExpHi ? kExpHi : x;
-  const float t = x * kLog2e + magic;
-  const float n = t - magic;
-  float r = x - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float q = 1.0f / 720.0f;
-  q = q * r + 1.0f / 120.0f;
-  q = q * r + 1.0f / 24.0f;
-  q = q * r + 1.0f / 6.0f;
-  q = q * r + 0.5f;
-  q = q * r + 1.0f;
-  q = q * r + 1.0f;
-  return q * bits_to_float((float_to_bits(t) + 127u) << 23);
+  const float t = x * kLog2e + kExpMagic;
+  return exp_reduced(x, t) * bits_to_float((float_to_bits(t) + 127u) << 23);
 }
 
+// ---- Explicit vectors of N floats (GCC/Clang vector extensions), N = 16 in the AVX-512 loops
+// (one zmm), 8 in the AVX2 loops (one ymm), 4 in the baseline (SSE2/NEON). Wider-than-native
+// vectors are not used: GCC lowers some of their operations lane by lane. Auto-vectorisation of
+// the exp loops proved unreliable, so the hot loops are written with these.
 template <int N>
 struct VecTypes;
 #if defined(__FLT16_MAX__)
@@ -187,24 +194,13 @@ struct Vec {
 #endif
   static VESPO_INLINE f max(f a, f b) { return a > b ? a : b; }
 
-  // e^x lane-wise (see exp_1 below for the method and its error).
+  // e^x lane-wise (see exp_1 above for the method and its error).
   template <bool HI>
   static VESPO_INLINE f exp(f x) {
-    const f magic = splat(12582912.0f);    // 1.5 * 2^23: adding it rounds to an integer in the mantissa
-    x = x < kExpLo ? splat(kExpLo) : x;    // NaN < lo is false: NaN stays
+    x = x < kExpLo ? splat(kExpLo) : x;  // NaN < lo is false: NaN stays
     if (HI) x = x > kExpHi ? splat(kExpHi) : x;
-    const f t = x * kLog2e + magic;
-    const f n = t - magic;
-    f r = x - n * kLn2Hi;                  // exact: n * kLn2Hi has <= 24 bits, and x is close to it
-    r = r - n * kLn2Lo;
-    f q = splat(1.0f / 720.0f);
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
-    return q * (f)(((u)t + 127u) << 23);
+    const f t = x * kLog2e + kExpMagic;
+    return exp_reduced(x, t) * (f)(((u)t + 127u) << 23);
   }
   static VESPO_INLINE float sum(f v) {
     float s = 0.f;
