@@ -16,10 +16,12 @@ Paths (the plan is made from cu_seqlens on the host; chunk = chunk_tokens):
   * no gradient needed (no_grad / inputs not requiring grad): 1 GEMM per chunk, any chunking.
 A final seq_reduce over all T tokens gives the loss and the metrics exactly as `policy_loss` does.
 
-chunk_tokens=None: a chunk's logits take at most 16 MiB on CPU and 1 GiB on CUDA, i.e.
-chunk_tokens = max(1, budget // (V * itemsize)) (V=32768 fp32 on CPU: 128 tokens; V=151936 bf16 on
-CUDA: 3533 tokens). The budget is a trade: the weight-gradient GEMM reads and writes the whole (V, H)
-gradient once per chunk, so smaller chunks cost time; larger ones only memory.
+chunk_tokens=None: a chunk's logits take up to 16 MiB on CPU and 1 GiB on CUDA, and a chunk holds at
+least 256 tokens: chunk_tokens = max(256, budget // (V * itemsize)) (V=32768 fp32 on CPU: 256 tokens,
+32 MiB; V=151936 bf16 on CUDA: 3533 tokens). The floor is for time: the weight-gradient GEMM reads and
+writes the whole (V, H) gradient once per chunk, and at 128 tokens per chunk (issue 13's CPU config) that
+made the fused path 1.15-1.19x slower than matmul + op, at 256 tokens 0.87-1.04x (quiet 2-vCPU Xeon,
+benchmarks/results/README.md). Larger chunks cost only memory.
 Peak extra memory of linear_policy_loss: one (chunk, V) buffer in the compute dtype (the gradient of a
 chunk's logits is written over it), the hidden and weight gradients, O(T) vectors. With a bf16/fp16
 weight the weight gradient is accumulated in fp32 ((V, H) fp32, converted at the end once the buffer is
@@ -46,15 +48,16 @@ from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
+_MIN_CHUNK_TOKENS = 256  # see the module docstring: fewer tokens per chunk and the dW GEMM dominates
 _AGG_TOKEN_MEAN, _AGG_SEQ_SUM, _AGG_SEQ_MEAN, _AGG_SUM_NORM = (AGG_IDS[a] for a in (
     "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
 
 def default_chunk_tokens(V: int, dtype: torch.dtype, device) -> int:
-    """Tokens per chunk when chunk_tokens=None: the (chunk, V) logits buffer stays within 16 MiB on
-    CPU (1 GiB on CUDA): max(1, budget // (V * itemsize)). See the module docstring for the memory."""
+    """Tokens per chunk when chunk_tokens=None: max(256, budget // (V * itemsize)), budget 16 MiB on
+    CPU and 1 GiB on CUDA for the (chunk, V) logits buffer. See the module docstring for why."""
     kind = device.type if hasattr(device, "type") else str(device)
-    return max(1, _CHUNK_BYTES.get(kind, _CHUNK_BYTES["cpu"]) // (max(V, 1) * dtype.itemsize))
+    return max(_MIN_CHUNK_TOKENS, _CHUNK_BYTES.get(kind, _CHUNK_BYTES["cpu"]) // (max(V, 1) * dtype.itemsize))
 
 
 # ---------------------------------------------------------------------------------------------
