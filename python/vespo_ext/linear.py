@@ -27,8 +27,8 @@ chunk's logits is written over it), the hidden and weight gradients, O(T) vector
 weight the weight gradient is accumulated in fp32 ((V, H) fp32, converted at the end once the buffer is
 released): in the GEMM itself on CUDA (addmm with an fp32 out); on CPU, where torch has no mixed-dtype
 GEMM, through a (V, H) low-precision partial product per chunk and its fp32 copy (see _addmm_f32_).
-Measured (benchmarks/bench_linear_loss.py, issue 13's CPU config T=2048, H=512, V=32768 fp32, chunk 128):
-88.2 MB in all = 16.9 MB (the buffer, 16.8 MB, and the O(T) vectors) + 71.3 MB of returned gradients.
+Measured (benchmarks/bench_linear_loss.py, issue 13's CPU config T=2048, H=512, V=32768 fp32, chunk 256):
+104.7 MB in all = 33.6 MB (the buffer, 33.5 MB, and the O(T) vectors) + 71.3 MB of returned gradients.
 linear_token_logprobs' backward: the same, plus two (chunk, V) fp32 buffers when the entropy has a gradient.
 
 Deterministic: fixed chunk order, fixed GEMM shapes, no atomics (bitwise for a given thread count).
