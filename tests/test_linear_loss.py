@@ -259,8 +259,69 @@ def test_realistic_vocab_confident_rows():
         lp = R.linear_token_logprobs(inp["hidden"].double(), w.double(), lab, bias=inp["bias"].double())
     assert float((lp[conf] > math.log(0.999)).float().mean()) > 0.5
     inp["old_logp"] = (lp + 0.3 * torch.randn(T, dtype=torch.float64) / math.sqrt(96)).float()
-    check_lin(inp, chunk_tokens=None)  # default chunk: 131 tokens (one whole sequence per group)
+    check_lin(inp, chunk_tokens=None)  # default chunk: 256 tokens (two whole sequences per group)
     check_lin(inp, chunk_tokens=80, agg="seq-mean-token-mean", metrics=False)  # every sequence two-pass
+
+
+def _rel_rows(x, ref):
+    """(Frobenius relative error, worst row's relative error) of x against the float64 ref."""
+    d = x.double() - ref
+    rows = ref.norm(dim=1)
+    big = rows >= 1e-3 * rows.max()  # rows far below the largest would underflow fp16's range, op or no op
+    return float(d.norm() / ref.norm()), float((d.norm(dim=1)[big] / rows[big]).max())
+
+
+@pytest.mark.parametrize("mode", ["product", "upcast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)], ids=str)
+def test_low_precision_weight_gradient_realistic_vocab(dtype, mode, monkeypatch):
+    """V = 151936, H = 64, 2 x 64 tokens whose labels come from 50 frequent tokens (their weight rows gather
+    gradient from every chunk), chunk_tokens = 8 (16 chunks), both CPU weight-gradient modes (_Head._gw_lowp), the
+    V slices small enough to cut V into several. Reference: the float64 gradient given the same dtype-rounded
+    logits (the one rounding the op shares with matmul + op), so what is left is the op's own error: the dtype's
+    gradient of the logits, the accumulation, the final rounding. Budgets (relative, 4 seeds measured): Frobenius
+    6e-3 (bf16 <= 2.4e-3, fp16 <= 1.3e-3), the worst weight row (of those within 1e-3 of the largest row's norm)
+    1.5e-2 bf16 (<= 5.3e-3), 4e-2 fp16 (<= 2.1e-2: the fp16 logits gradient's subnormal range)."""
+    monkeypatch.setitem(_linear._CPU_DW_MODE, dtype, mode)
+    monkeypatch.setattr(_linear, "_DW_SLICE_BYTES", 4 << 20)  # product: 10922 rows, upcast: 65536 rows per slice
+    inp = make_linear([64, 64], H=64, V=151936, dtype=dtype, bias=False, mask_p=0.95)
+    inp["labels"] = labels = inp["labels"] % 50
+    h64, w64 = inp["hidden"].double(), inp["weight"].double()
+    z = (h64 @ w64.T).to(dtype).double().requires_grad_(True)
+    with torch.no_grad():  # old_logp near the new labels' log-probs
+        inp["old_logp"] = (R.token_logprobs(z, labels) + 0.03 * torch.randn(labels.shape, dtype=torch.float64)).float()
+    ref_loss = R.policy_loss(z, inp["labels"], inp["old_logp"], inp["advantages"], inp["mask"],
+                             cu_seqlens=inp["cu_seqlens"])
+    (gz,) = torch.autograd.grad(ref_loss, z)
+    ref = gz.T @ h64
+    w = inp["weight"].clone().requires_grad_(True)
+    vespo_ext.linear_policy_loss(inp["hidden"], w, inp["labels"], inp["old_logp"], inp["advantages"], inp["mask"],
+                                 cu_seqlens=inp["cu_seqlens"], chunk_tokens=8).backward()
+    assert w.grad.dtype == dtype
+    frob, row = _rel_rows(w.grad, ref)
+    assert frob <= 6e-3, frob
+    assert row <= (1.5e-2 if dtype == torch.bfloat16 else 4e-2), row
+
+
+@pytest.mark.parametrize("mode", ["product", "upcast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_weight_gradient_accumulates_in_fp32(dtype, mode, monkeypatch):
+    """The fp32 accumulator of the weight gradient over 64 chunks of positive (coherent) low-precision gradients
+    against the float64 sum: "upcast" is exact but for fp32 rounding (<= 1e-5), "product" rounds each chunk's
+    partial product once (<= the dtype's unit roundoff eps / 2 of the sum). Accumulating in the low
+    precision itself would miss both (about 64 roundings)."""
+    monkeypatch.setitem(_linear._CPU_DW_MODE, dtype, mode)
+    monkeypatch.setattr(_linear, "_DW_SLICE_BYTES", 1 << 16)  # several V slices, a ragged last one
+    T, H, V, chunk = 512, 48, 1001, 8
+    hidden, weight = torch.rand(T, H).to(dtype), torch.randn(V, H).to(dtype)
+    g = (torch.rand(T, V) / V).to(dtype)
+    head = _linear._Head(hidden, weight, None, chunk, False, True, False)
+    for s in range(0, T, chunk):
+        head.accumulate(g[s:s + chunk].clone(), s, s + chunk)
+    assert head.gw.dtype == torch.float32
+    ref = g.double().T @ hidden.double()
+    _, row = _rel_rows(head.gw, ref)
+    bound = 1e-5 if mode == "upcast" else torch.finfo(dtype).eps / 2 * 1.01
+    assert row <= bound, (row, bound)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
