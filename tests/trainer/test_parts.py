@@ -186,3 +186,38 @@ def test_batch_key_groups_cover_the_batch_type():
                          [[5], [6, 1], [], [7]], [[-0.1], [-0.2, -0.3], [], [-0.4]], [[0], [0, 0], [], [0]], 10)
     assert set(out) == set(ROW_TENSORS + ROW_LISTS) | {"prompt_len", "stats"}
     assert out["uid"].tolist() == [10, 11, 12, 13] and out["response_mask"].sum(1).tolist() == [1, 2, 0, 1]
+
+
+def test_learner_row_shares_one_even_split_rule():
+    """Learner._shard (warm-up pairs) and Learner._rank_rows (each mini-batch's rows) are one rule: rank r's
+    contiguous 1/W, and the same clear error when the rows do not split evenly."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from vespo_trainer.learner.rank import Learner
+
+    me = SimpleNamespace(world=2, rank=1)
+    me._shard = partial(Learner._shard, me)
+    assert me._shard(6) == range(3, 6) and me._shard(6, 0) == range(0, 3)
+    assert Learner._rank_rows(me, 0, 2, 4).tolist() == [0, 1, 4, 5]
+    assert Learner._rank_rows(me, 1, 2, 4).tolist() == [2, 3, 6, 7]
+    for call in (lambda: me._shard(5), lambda: Learner._rank_rows(me, 0, 2, 5)):
+        with pytest.raises(ValueError, match="5 rows do not split evenly over 2 learner ranks"):
+            call()
+
+
+def test_train_metrics_report_the_rollout_mismatch_kl_once():
+    """The engine-vs-learner token-mean KL is veRL's rollout_corr/kl (whole batch); the learner's own merged
+    mismatch statistic is the mean |log-prob difference| only (rollout/mismatch_kl was the same number twice)."""
+    from vespo_trainer.learner.metrics import finish_train_metrics
+
+    def part(tokens, abs_sum):
+        return {"minibatches": [{"loss": 0.5, "grad_norm": 1.0, "stats": {"n_seq": 2, "n_tokens": tokens}}],
+                "mismatch": {"tokens": tokens, "abs_diff_sum": abs_sum},
+                "rollout_corr": {"rollout_corr/kl": 0.25, "rollout_corr/k3_kl": 0.1},
+                "version": 3, "lr": 1e-3, "seconds": 1.0}
+
+    m = finish_train_metrics([part(4, 1.0), part(6, 4.0)])
+    assert m["rollout/logp_abs_diff"] == pytest.approx(0.5)
+    assert m["rollout_corr/kl"] == 0.25 and "rollout/mismatch_kl" not in m
+    assert not [k for k in m if "mismatch" in k]
