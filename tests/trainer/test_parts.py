@@ -221,3 +221,39 @@ def test_train_metrics_report_the_rollout_mismatch_kl_once():
     assert m["rollout/logp_abs_diff"] == pytest.approx(0.5)
     assert m["rollout_corr/kl"] == 0.25 and "rollout/mismatch_kl" not in m
     assert not [k for k in m if "mismatch" in k]
+
+
+def test_a_sampled_pad_is_an_ordinary_response_token(tmp_path):
+    """The built-in model can sample <pad> (id 0, not EOS: id 1): its config's pad_token_id makes the tied
+    embedding row 0 start at zero (nn.Embedding padding_idx), so the pad logit starts at 0 like every logit
+    of the fresh model (p ~ 1/V). Such a token is a sampled action like any other: it stays in the response
+    (only EOS ends one), is counted by the mask and the attention mask, keeps its behaviour log-prob, which
+    the learner's forward reproduces, and decodes visibly (the answer is wrong, so the reward teaches the
+    model away from it). Only the padding after a response is masked out."""
+    from trainer_test_utils import load_tiny
+
+    import vespo_ext
+    from vespo_trainer.rollout.hf import HFRolloutWorker
+
+    cfg = load_tiny(tmp_path)
+    worker = HFRolloutWorker(cfg, 0)
+    worker.version = 0
+    tok = worker.tok
+    assert tok.pad_token_id not in tok.eos_token_ids
+    b = worker.generate(arith_prompts(9, 9)[:8], step=0, uid_base=0)
+    resp, mask = b["responses"], b["response_mask"]
+    sampled_pad = (resp == tok.pad_token_id) & mask
+    assert sampled_pad.any(), "the seeded rollout samples a <pad> inside a response (p ~ 1/V at init)"
+    P = b["prompt_len"]
+    assert torch.equal(b["attention_mask"][:, P:].bool(), mask)
+    lengths = mask.sum(1)
+    assert torch.equal(mask, torch.arange(resp.shape[1])[None] < lengths[:, None])  # a prefix: pads inside count
+    row = int(sampled_pad.any(1).nonzero()[0])
+    assert "<pad>" in b["texts"][row]
+    with torch.no_grad():  # the learner's forward (Learner._response_logits) on the packed batch
+        am = b["attention_mask"]
+        logits = worker.model(input_ids=b["input_ids"], attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+                              logits_to_keep=resp.shape[1] + 1).logits[:, :-1]
+        lp = vespo_ext.token_logprobs(logits.float(), resp, temperature=cfg.rollout.temperature)
+    assert float((lp - b["old_logp"])[mask].abs().max()) < 1e-5
+    assert float((lp - b["old_logp"])[sampled_pad].abs().max()) < 1e-5
