@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from conftest import assert_grad_close, assert_loss_close, assert_metrics_close
 
 import vespo_ext
 from vespo_ext import AGGS, LOSSES, METRIC_NAMES
 from vespo_ext import linear as _linear  # noqa: F401  (registers the vespo::linear_* ops)
 from vespo_ext import reference as R
-
-from conftest import assert_grad_close, assert_loss_close, assert_metrics_close
 
 # (loss, gradient) budgets per dtype. Low precision: the logits chunk is a bf16/fp16 GEMM output, so it
 # carries one rounding of the logits (as the unfused `matmul` + op path does), and the gradient GEMMs run
@@ -42,7 +41,8 @@ def make_linear(lengths=None, *, B=4, L=6, H=16, V=29, dtype=torch.float32, bias
     with torch.no_grad():
         lp = R.linear_token_logprobs(hidden.to(dtype).double(), weight.to(dtype).double(), labels,
                                      bias=None if b is None else b.to(dtype).double(), temperature=temperature)
-    old = (lp + 0.3 * torch.randn(shape, dtype=torch.float64) / math.sqrt(max(shape[-1] if cu is None else 4, 1))).float()
+    spread = 0.3 / math.sqrt(max(shape[-1] if cu is None else 4, 1))
+    old = (lp + spread * torch.randn(shape, dtype=torch.float64)).float()
     a = torch.randn(S)
     if S >= 2:
         a[0], a[1] = a[0].abs() + 0.1, -(a[1].abs() + 0.1)
@@ -82,7 +82,8 @@ def loss_scale(inp, loss="vespo", temperature=1.0, **kw):
                                  temperature=temperature).detach().requires_grad_(True)
     kw.pop("chunk_tokens", None)
     out = vespo_ext.policy_loss_from_logp(lp, d["old_logp"], d["advantages"], d["mask"], loss=loss,
-                                          cu_seqlens=d.get("cu_seqlens"), rollout_is_weights=d.get("rollout_is_weights"),
+                                          cu_seqlens=d.get("cu_seqlens"),
+                                          rollout_is_weights=d.get("rollout_is_weights"),
                                           **kw)
     (c,) = torch.autograd.grad(out, lp, allow_unused=True)
     return 0.0 if c is None else float((c * lp.detach()).abs().sum())

@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import assert_grad_close
 
 verl_F = pytest.importorskip("verl.utils.torch_functional")

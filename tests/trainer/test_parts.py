@@ -161,7 +161,8 @@ def test_loss_normaliser_makes_split_losses_add_up(loss, agg):
     B, L, V = 8, 6, 11
     logits = torch.randn(B, L, V, generator=g, dtype=torch.float64)
     labels = torch.randint(0, V, (B, L), generator=g)
-    old = torch.log_softmax(torch.randn(B, L, V, generator=g, dtype=torch.float64), -1).gather(-1, labels[..., None])[..., 0]
+    logp = torch.log_softmax(torch.randn(B, L, V, generator=g, dtype=torch.float64), -1)
+    old = logp.gather(-1, labels[..., None])[..., 0]
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     lengths = torch.tensor([6, 1, 4, 0, 3, 6, 2, 5])
     mask = torch.arange(L)[None, :] < lengths[:, None]
@@ -252,7 +253,8 @@ def test_a_sampled_pad_is_an_ordinary_response_token(tmp_path):
     assert "<pad>" in b["texts"][row]
     with torch.no_grad():  # the learner's forward (Learner._response_logits) on the packed batch
         am = b["attention_mask"]
-        logits = worker.model(input_ids=b["input_ids"], attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        logits = worker.model(input_ids=b["input_ids"], attention_mask=am, position_ids=pos,
                               logits_to_keep=resp.shape[1] + 1).logits[:, :-1]
         lp = vespo_ext.token_logprobs(logits.float(), resp, temperature=cfg.rollout.temperature)
     assert float((lp - b["old_logp"])[mask].abs().max()) < 1e-5
