@@ -280,8 +280,8 @@ def test_low_precision_weight_gradient_realistic_vocab(dtype, mode, monkeypatch)
     V slices small enough to cut V into several. Reference: the float64 gradient given the same dtype-rounded
     logits (the one rounding the op shares with matmul + op), so what is left is the op's own error: the dtype's
     gradient of the logits, the accumulation, the final rounding. Budgets (relative, 4 seeds measured): Frobenius
-    6e-3 (bf16 <= 2.4e-3, fp16 <= 1.3e-3), the worst weight row (of those within 1e-3 of the largest row's norm)
-    1.5e-2 bf16 (<= 5.3e-3), 4e-2 fp16 (<= 2.1e-2: the fp16 logits gradient's subnormal range)."""
+    6e-3 (bf16 <= 3.2e-3, fp16 <= 9.1e-4), the worst weight row (of those within 1e-3 of the largest row's norm)
+    1.5e-2 bf16 (<= 5.5e-3), 2e-2 fp16 (<= 8.4e-3)."""
     monkeypatch.setitem(_linear._CPU_DW_MODE, dtype, mode)
     monkeypatch.setattr(_linear, "_DW_SLICE_BYTES", 4 << 20)  # product: 10922 rows, upcast: 65536 rows per slice
     inp = make_linear([64, 64], H=64, V=151936, dtype=dtype, bias=False, mask_p=0.95)
@@ -300,7 +300,7 @@ def test_low_precision_weight_gradient_realistic_vocab(dtype, mode, monkeypatch)
     assert w.grad.dtype == dtype
     frob, row = _rel_rows(w.grad, ref)
     assert frob <= 6e-3, frob
-    assert row <= (1.5e-2 if dtype == torch.bfloat16 else 4e-2), row
+    assert row <= (1.5e-2 if dtype == torch.bfloat16 else 2e-2), row
 
 
 @pytest.mark.parametrize("mode", ["product", "upcast"])
