@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from conftest import assert_grad_close, assert_loss_close, assert_metrics_close
 
 import vespo_ext
 from vespo_ext import AGGS, LOSSES, METRIC_NAMES
 from vespo_ext import linear as _linear  # noqa: F401  (registers the vespo::linear_* ops)
 from vespo_ext import reference as R
-
-from conftest import assert_grad_close, assert_loss_close, assert_metrics_close
 
 # (loss, gradient) budgets per dtype. Low precision: the logits chunk is a bf16/fp16 GEMM output, so it
 # carries one rounding of the logits (as the unfused `matmul` + op path does), and the gradient GEMMs run
@@ -42,7 +41,8 @@ def make_linear(lengths=None, *, B=4, L=6, H=16, V=29, dtype=torch.float32, bias
     with torch.no_grad():
         lp = R.linear_token_logprobs(hidden.to(dtype).double(), weight.to(dtype).double(), labels,
                                      bias=None if b is None else b.to(dtype).double(), temperature=temperature)
-    old = (lp + 0.3 * torch.randn(shape, dtype=torch.float64) / math.sqrt(max(shape[-1] if cu is None else 4, 1))).float()
+    spread = 0.3 / math.sqrt(max(shape[-1] if cu is None else 4, 1))
+    old = (lp + spread * torch.randn(shape, dtype=torch.float64)).float()
     a = torch.randn(S)
     if S >= 2:
         a[0], a[1] = a[0].abs() + 0.1, -(a[1].abs() + 0.1)
@@ -82,7 +82,8 @@ def loss_scale(inp, loss="vespo", temperature=1.0, **kw):
                                  temperature=temperature).detach().requires_grad_(True)
     kw.pop("chunk_tokens", None)
     out = vespo_ext.policy_loss_from_logp(lp, d["old_logp"], d["advantages"], d["mask"], loss=loss,
-                                          cu_seqlens=d.get("cu_seqlens"), rollout_is_weights=d.get("rollout_is_weights"),
+                                          cu_seqlens=d.get("cu_seqlens"),
+                                          rollout_is_weights=d.get("rollout_is_weights"),
                                           **kw)
     (c,) = torch.autograd.grad(out, lp, allow_unused=True)
     return 0.0 if c is None else float((c * lp.detach()).abs().sum())
@@ -259,8 +260,69 @@ def test_realistic_vocab_confident_rows():
         lp = R.linear_token_logprobs(inp["hidden"].double(), w.double(), lab, bias=inp["bias"].double())
     assert float((lp[conf] > math.log(0.999)).float().mean()) > 0.5
     inp["old_logp"] = (lp + 0.3 * torch.randn(T, dtype=torch.float64) / math.sqrt(96)).float()
-    check_lin(inp, chunk_tokens=None)  # default chunk: 131 tokens (one whole sequence per group)
+    check_lin(inp, chunk_tokens=None)  # default chunk: 256 tokens (two whole sequences per group)
     check_lin(inp, chunk_tokens=80, agg="seq-mean-token-mean", metrics=False)  # every sequence two-pass
+
+
+def _rel_rows(x, ref):
+    """(Frobenius relative error, worst row's relative error) of x against the float64 ref."""
+    d = x.double() - ref
+    rows = ref.norm(dim=1)
+    big = rows >= 1e-3 * rows.max()  # rows far below the largest would underflow fp16's range, op or no op
+    return float(d.norm() / ref.norm()), float((d.norm(dim=1)[big] / rows[big]).max())
+
+
+@pytest.mark.parametrize("mode", ["product", "upcast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)], ids=str)
+def test_low_precision_weight_gradient_realistic_vocab(dtype, mode, monkeypatch):
+    """V = 151936, H = 64, 2 x 64 tokens whose labels come from 50 frequent tokens (their weight rows gather
+    gradient from every chunk), chunk_tokens = 8 (16 chunks), both CPU weight-gradient modes (_Head._gw_lowp), the
+    V slices small enough to cut V into several. Reference: the float64 gradient given the same dtype-rounded
+    logits (the one rounding the op shares with matmul + op), so what is left is the op's own error: the dtype's
+    gradient of the logits, the accumulation, the final rounding. Budgets (relative, 4 seeds measured): Frobenius
+    6e-3 (bf16 <= 3.2e-3, fp16 <= 9.1e-4), the worst weight row (of those within 1e-3 of the largest row's norm)
+    1.5e-2 bf16 (<= 5.5e-3), 2e-2 fp16 (<= 8.4e-3)."""
+    monkeypatch.setitem(_linear._CPU_DW_MODE, dtype, mode)
+    monkeypatch.setattr(_linear, "_DW_SLICE_BYTES", 4 << 20)  # product: 10922 rows, upcast: 65536 rows per slice
+    inp = make_linear([64, 64], H=64, V=151936, dtype=dtype, bias=False, mask_p=0.95)
+    inp["labels"] = labels = inp["labels"] % 50
+    h64, w64 = inp["hidden"].double(), inp["weight"].double()
+    z = (h64 @ w64.T).to(dtype).double().requires_grad_(True)
+    with torch.no_grad():  # old_logp near the new labels' log-probs
+        inp["old_logp"] = (R.token_logprobs(z, labels) + 0.03 * torch.randn(labels.shape, dtype=torch.float64)).float()
+    ref_loss = R.policy_loss(z, inp["labels"], inp["old_logp"], inp["advantages"], inp["mask"],
+                             cu_seqlens=inp["cu_seqlens"])
+    (gz,) = torch.autograd.grad(ref_loss, z)
+    ref = gz.T @ h64
+    w = inp["weight"].clone().requires_grad_(True)
+    vespo_ext.linear_policy_loss(inp["hidden"], w, inp["labels"], inp["old_logp"], inp["advantages"], inp["mask"],
+                                 cu_seqlens=inp["cu_seqlens"], chunk_tokens=8).backward()
+    assert w.grad.dtype == dtype
+    frob, row = _rel_rows(w.grad, ref)
+    assert frob <= 6e-3, frob
+    assert row <= (1.5e-2 if dtype == torch.bfloat16 else 2e-2), row
+
+
+@pytest.mark.parametrize("mode", ["product", "upcast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_weight_gradient_accumulates_in_fp32(dtype, mode, monkeypatch):
+    """The fp32 accumulator of the weight gradient over 64 chunks of positive (coherent) low-precision gradients
+    against the float64 sum: "upcast" is exact but for fp32 rounding (<= 1e-5), "product" rounds each chunk's
+    partial product once (<= the dtype's unit roundoff eps / 2 of the sum). Accumulating in the low
+    precision itself would miss both (about 64 roundings)."""
+    monkeypatch.setitem(_linear._CPU_DW_MODE, dtype, mode)
+    monkeypatch.setattr(_linear, "_DW_SLICE_BYTES", 1 << 16)  # several V slices, a ragged last one
+    T, H, V, chunk = 512, 48, 1001, 8
+    hidden, weight = torch.rand(T, H).to(dtype), torch.randn(V, H).to(dtype)
+    g = (torch.rand(T, V) / V).to(dtype)
+    head = _linear._Head(hidden, weight, None, chunk, False, True, False)
+    for s in range(0, T, chunk):
+        head.accumulate(g[s:s + chunk].clone(), s, s + chunk)
+    assert head.gw.dtype == torch.float32
+    ref = g.double().T @ hidden.double()
+    _, row = _rel_rows(head.gw, ref)
+    bound = 1e-5 if mode == "upcast" else torch.finfo(dtype).eps / 2 * 1.01
+    assert row <= bound, (row, bound)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])

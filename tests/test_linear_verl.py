@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import assert_grad_close
 
 verl_F = pytest.importorskip("verl.utils.torch_functional")
@@ -156,3 +155,48 @@ def test_qwen2_model_forward(patched, backend):
     assert ref[2].keys() == ours[2].keys()
     for n in ref[2]:
         assert_grad_close(ours[2][n], ref[2][n], TOL[torch.float32], what=f"d {n}")
+
+
+_ENV_PROBE = r"""
+import json, os, sys
+import torch
+if os.environ.get("PROBE_VIA_VERL"):
+    import verl  # noqa: F401  (VERL_USE_EXTERNAL_MODULES imports vespo_ext.integrations.verl from verl/__init__)
+from verl.utils.experimental import torch_functional as tf
+from verl.utils.kernel import linear_cross_entropy as lce
+in_modules = "vespo_ext.integrations.verl" in sys.modules
+import vespo_ext.integrations.verl as V
+h, w = torch.randn(2, 5, 8), torch.randn(41, 8)
+ids = torch.randint(0, 41, (2, 5))
+lp, ent = tf.FusedLinearForPPO()(h, w, ids, temperature=0.9)
+z = (h @ w.t()) / 0.9
+ref = torch.log_softmax(z, -1).gather(-1, ids[..., None])[..., 0]
+print(json.dumps({"in_modules": in_modules, "cls": tf.FusedLinearForPPO is V.VespoFusedLinearForPPO,
+                  "lce": getattr(lce.linear_cross_entropy, "vespo_original", None) is not None,
+                  "err": float((lp - ref).abs().max())}))
+"""
+
+
+@pytest.mark.parametrize("value, via_verl, patched", [("1", False, True), ("1", True, True), ("0", False, False),
+                                                      (None, True, False)])
+def test_env_var_applies_fused_linear_at_import(value, via_verl, patched):
+    """VESPO_VERL_FUSED_LINEAR=1 makes importing vespo_ext.integrations.verl apply use_vespo_fused_linear(), both
+    imported directly and (as a Ray worker gets it) by veRL itself through VERL_USE_EXTERNAL_MODULES; "0" or
+    unset leaves veRL's classes alone. A fresh interpreter per case (the patch is process-wide)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VESPO_VERL_FUSED_LINEAR", "VERL_USE_EXTERNAL_MODULES")}
+    if value is not None:
+        env["VESPO_VERL_FUSED_LINEAR"] = value
+    if via_verl:
+        env["VERL_USE_EXTERNAL_MODULES"] = "vespo_ext.integrations.verl"
+        env["PROBE_VIA_VERL"] = "1"
+    out = subprocess.run([sys.executable, "-c", _ENV_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["cls"] is patched and res["lce"] is patched, res
+    assert res["in_modules"] is via_verl, res  # veRL imported the integration itself
+    assert res["err"] < 1e-4, res  # ours when patched, veRL's torch implementation otherwise: the same log-probs

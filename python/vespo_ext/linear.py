@@ -26,9 +26,14 @@ Peak extra memory of linear_policy_loss: one (chunk, V) buffer in the compute dt
 chunk's logits is written over it), the hidden and weight gradients, O(T) vectors. With a bf16/fp16
 weight the weight gradient is accumulated in fp32 ((V, H) fp32, converted at the end once the buffer is
 released): in the GEMM itself on CUDA (addmm with an fp32 out); on CPU, where torch has no mixed-dtype
-GEMM, through a (V, H) low-precision partial product per chunk and its fp32 copy (see _addmm_f32_).
-Measured (benchmarks/bench_linear_loss.py, issue 13's CPU config T=2048, H=512, V=32768 fp32, chunk 256):
-104.7 MB in all = 33.6 MB (the buffer, 33.5 MB, and the O(T) vectors) + 71.3 MB of returned gradients.
+GEMM, slice by slice over V through reused temporaries of about 16 MiB in all (_Head._gw_lowp: the
+low-precision product of a slice where the CPU has AMX tiles for the dtype, else the chunk's gradient
+slice and hidden upcast to fp32), so no (V, H) temporary besides the accumulator.
+Measured (benchmarks/bench_linear_loss.py, issue 13's CPU config T=2048, H=512, V=32768, chunk 256):
+fp32 104.7 MB in all = 33.6 MB (the buffer and the O(T) vectors) + 71.3 MB of returned gradients;
+bf16 106.4 MB = the 16.8 MB buffer + the 67.1 MB fp32 accumulator + 16.8 MB of slice temporaries + the
+returned hidden gradient and O(T) vectors (it was 190.3 MB with a whole (V, H) bf16 product and its fp32
+copy per chunk; benchmarks/results/linear_cpu_lowp_dw.md).
 linear_token_logprobs' backward: the same, plus two (chunk, V) fp32 buffers when the entropy has a gradient.
 
 Deterministic: fixed chunk order, fixed GEMM shapes, no atomics (bitwise for a given thread count).
@@ -49,6 +54,25 @@ from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
 _MIN_CHUNK_TOKENS = 256  # see the module docstring: fewer tokens per chunk and the dW GEMM dominates
+_DW_SLICE_BYTES = 16 << 20  # CPU, low-precision weight: the weight-gradient temporaries per V slice (_Head._gw_lowp)
+_MIN_DW_SLICE = 64
+_MIXED_ADDMM = {"cuda": True}  # addmm with an fp32 out for bf16/fp16 inputs (aten::addmm.dtype_out); CPU has none
+_CPU_DW_MODE: dict = {}
+
+
+def _cpu_dw_mode(dtype: torch.dtype) -> str:
+    """"product" where the CPU multiplies this dtype in AMX tiles (bf16: AMX-BF16, fp16: AMX-FP16), else "upcast"
+    (see _Head._gw_lowp): with AMX tiles the low-precision product is the faster one, without them the fp32
+    GEMM (benchmarks/results/linear_cpu_lowp_dw.md)."""
+    mode = _CPU_DW_MODE.get(dtype)
+    if mode is None:
+        try:
+            caps = torch._C._cpu._get_cpu_capability()  # private: absent or renamed -> the portable "upcast"
+        except (AttributeError, RuntimeError):
+            caps = {}
+        flag = {torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype)
+        mode = _CPU_DW_MODE[dtype] = "product" if flag and caps.get(flag, False) else "upcast"
+    return mode
 _AGG_TOKEN_MEAN, _AGG_SEQ_SUM, _AGG_SEQ_MEAN, _AGG_SUM_NORM = (AGG_IDS[a] for a in (
     "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
@@ -144,9 +168,50 @@ class _Head:
             if self.gw.dtype == g.dtype:
                 self.gw.addmm_(g.t(), self.h[s:e])
             else:
-                _addmm_f32_(self.gw, g.t(), self.h[s:e])
+                self._gw_lowp(g, self.h[s:e])
         if self.need_gb:
             self.gb.add_(torch.sum(g, 0, dtype=torch.float32))
+
+    def _gw_lowp(self, g: Tensor, h: Tensor) -> None:
+        """gw (fp32, (V, H)) += g^T h for a low-precision chunk g (n, V), h (n, H): on CUDA one GEMM accumulating
+        in fp32 (addmm with an fp32 out); on CPU, where torch has no mixed-dtype GEMM, slice by slice over V's
+        rows through reused temporaries of at most _DW_SLICE_BYTES (no (V, H) temporary):
+          * "product" (bf16 where the CPU has AMX-BF16, fp16 with AMX-FP16): the slice's product in the low
+            precision (oneDNN's AMX GEMM accumulates in fp32 and rounds the (rows, H) result once), copied to
+            fp32 and added: one rounding of each chunk's partial product, about one ulp of the result;
+          * "upcast" (otherwise): the chunk's gradient slice (n, rows) and hidden (n, H) upcast to fp32 and one
+            fp32 addmm_ into gw: exact products, fp32 accumulation (as on CUDA).
+        See benchmarks/results/ for the measured times of each against the former whole-(V, H) product."""
+        gw = self.gw
+        kind = g.device.type
+        if _MIXED_ADDMM.get(kind, False):
+            try:
+                torch.addmm(gw, g.t(), h, out_dtype=torch.float32, out=gw)
+                return
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MIXED_ADDMM[kind] = False
+        V, H = gw.shape
+        n = g.shape[0]
+        if _cpu_dw_mode(g.dtype) == "product":
+            rows = max(_MIN_DW_SLICE, min(V, _DW_SLICE_BYTES // (H * (g.element_size() + 4))))
+            lo_buf = self.empty("gw_lo", (rows, H), g.dtype)
+            hi_buf = self.empty("gw_hi", (rows, H), torch.float32)
+            for a in range(0, V, rows):
+                b = min(a + rows, V)
+                lo, hi = lo_buf[: b - a], hi_buf[: b - a]
+                torch.mm(g[:, a:b].t(), h, out=lo)
+                hi.copy_(lo)  # a mixed-dtype add_ would allocate this fp32 copy itself, once per slice
+                gw[a:b].add_(hi)
+        else:
+            rows = max(_MIN_DW_SLICE, min(V, _DW_SLICE_BYTES // (max(n, 1) * 4)))
+            h32 = self.empty("gw_h32", (n, H), torch.float32)
+            h32.copy_(h)
+            g_buf = self.empty("gw_g32", (n, rows), torch.float32)
+            for a in range(0, V, rows):
+                b = min(a + rows, V)
+                g32 = g_buf[:, : b - a]
+                g32.copy_(g[:, a:b])
+                gw[a:b].addmm_(g32.t(), h32)
 
     def empty(self, key: str, shape, dtype) -> Tensor:
         """A temporary of `shape` reused across chunks (allocated once, at its largest: the first chunk's)."""
@@ -162,24 +227,6 @@ class _Head:
         gw = self.gw.to(self.w.dtype) if self.need_gw else self.gw
         gb = self.gb.to(self.b.dtype) if self.need_gb else self.gb
         return self.gh, gw, gb
-
-
-_MIXED_ADDMM = {"cuda": True}  # addmm with an fp32 out for bf16/fp16 inputs (aten::addmm.dtype_out); CPU has none
-
-
-def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32) += a @ b for low-precision a, b: one GEMM accumulating into acc where torch offers the
-    mixed-dtype addmm (CUDA), else the low-precision product (one (V, H) temporary, plus the fp32 copy of it
-    that torch's mixed-dtype add_ makes) added in fp32. (Slicing the product over V's rows into reused
-    buffers bounds those temporaries but measured 2.5x slower on the CPU in place, so it is not done.)"""
-    kind = a.device.type
-    if _MIXED_ADDMM.get(kind, False):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MIXED_ADDMM[kind] = False
-    acc.add_(torch.mm(a, b))
 
 
 def _plan(cu: list, chunk: int):

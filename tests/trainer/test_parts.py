@@ -161,7 +161,8 @@ def test_loss_normaliser_makes_split_losses_add_up(loss, agg):
     B, L, V = 8, 6, 11
     logits = torch.randn(B, L, V, generator=g, dtype=torch.float64)
     labels = torch.randint(0, V, (B, L), generator=g)
-    old = torch.log_softmax(torch.randn(B, L, V, generator=g, dtype=torch.float64), -1).gather(-1, labels[..., None])[..., 0]
+    logp = torch.log_softmax(torch.randn(B, L, V, generator=g, dtype=torch.float64), -1)
+    old = logp.gather(-1, labels[..., None])[..., 0]
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     lengths = torch.tensor([6, 1, 4, 0, 3, 6, 2, 5])
     mask = torch.arange(L)[None, :] < lengths[:, None]
@@ -186,3 +187,75 @@ def test_batch_key_groups_cover_the_batch_type():
                          [[5], [6, 1], [], [7]], [[-0.1], [-0.2, -0.3], [], [-0.4]], [[0], [0, 0], [], [0]], 10)
     assert set(out) == set(ROW_TENSORS + ROW_LISTS) | {"prompt_len", "stats"}
     assert out["uid"].tolist() == [10, 11, 12, 13] and out["response_mask"].sum(1).tolist() == [1, 2, 0, 1]
+
+
+def test_learner_row_shares_one_even_split_rule():
+    """Learner._shard (warm-up pairs) and Learner._rank_rows (each mini-batch's rows) are one rule: rank r's
+    contiguous 1/W, and the same clear error when the rows do not split evenly."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from vespo_trainer.learner.rank import Learner
+
+    me = SimpleNamespace(world=2, rank=1)
+    me._shard = partial(Learner._shard, me)
+    assert me._shard(6) == range(3, 6) and me._shard(6, 0) == range(0, 3)
+    assert Learner._rank_rows(me, 0, 2, 4).tolist() == [0, 1, 4, 5]
+    assert Learner._rank_rows(me, 1, 2, 4).tolist() == [2, 3, 6, 7]
+    for call in (lambda: me._shard(5), lambda: Learner._rank_rows(me, 0, 2, 5)):
+        with pytest.raises(ValueError, match="5 rows do not split evenly over 2 learner ranks"):
+            call()
+
+
+def test_train_metrics_report_the_rollout_mismatch_kl_once():
+    """The engine-vs-learner token-mean KL is veRL's rollout_corr/kl (whole batch); the learner's own merged
+    mismatch statistic is the mean |log-prob difference| only (rollout/mismatch_kl was the same number twice)."""
+    from vespo_trainer.learner.metrics import finish_train_metrics
+
+    def part(tokens, abs_sum):
+        return {"minibatches": [{"loss": 0.5, "grad_norm": 1.0, "stats": {"n_seq": 2, "n_tokens": tokens}}],
+                "mismatch": {"tokens": tokens, "abs_diff_sum": abs_sum},
+                "rollout_corr": {"rollout_corr/kl": 0.25, "rollout_corr/k3_kl": 0.1},
+                "version": 3, "lr": 1e-3, "seconds": 1.0}
+
+    m = finish_train_metrics([part(4, 1.0), part(6, 4.0)])
+    assert m["rollout/logp_abs_diff"] == pytest.approx(0.5)
+    assert m["rollout_corr/kl"] == 0.25 and "rollout/mismatch_kl" not in m
+    assert not [k for k in m if "mismatch" in k]
+
+
+def test_a_sampled_pad_is_an_ordinary_response_token(tmp_path):
+    """The built-in model can sample <pad> (id 0, not EOS: id 1): its config's pad_token_id makes the tied
+    embedding row 0 start at zero (nn.Embedding padding_idx), so the pad logit starts at 0 like every logit
+    of the fresh model (p ~ 1/V). Such a token is a sampled action like any other: it stays in the response
+    (only EOS ends one), is counted by the mask and the attention mask, keeps its behaviour log-prob, which
+    the learner's forward reproduces, and decodes visibly (the answer is wrong, so the reward teaches the
+    model away from it). Only the padding after a response is masked out."""
+    from trainer_test_utils import load_tiny
+
+    import vespo_ext
+    from vespo_trainer.rollout.hf import HFRolloutWorker
+
+    cfg = load_tiny(tmp_path)
+    worker = HFRolloutWorker(cfg, 0)
+    worker.version = 0
+    tok = worker.tok
+    assert tok.pad_token_id not in tok.eos_token_ids
+    b = worker.generate(arith_prompts(9, 9)[:8], step=0, uid_base=0)
+    resp, mask = b["responses"], b["response_mask"]
+    sampled_pad = (resp == tok.pad_token_id) & mask
+    assert sampled_pad.any(), "the seeded rollout samples a <pad> inside a response (p ~ 1/V at init)"
+    P = b["prompt_len"]
+    assert torch.equal(b["attention_mask"][:, P:].bool(), mask)
+    lengths = mask.sum(1)
+    assert torch.equal(mask, torch.arange(resp.shape[1])[None] < lengths[:, None])  # a prefix: pads inside count
+    row = int(sampled_pad.any(1).nonzero()[0])
+    assert "<pad>" in b["texts"][row]
+    with torch.no_grad():  # the learner's forward (Learner._response_logits) on the packed batch
+        am = b["attention_mask"]
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        logits = worker.model(input_ids=b["input_ids"], attention_mask=am, position_ids=pos,
+                              logits_to_keep=resp.shape[1] + 1).logits[:, :-1]
+        lp = vespo_ext.token_logprobs(logits.float(), resp, temperature=cfg.rollout.temperature)
+    assert float((lp - b["old_logp"])[mask].abs().max()) < 1e-5
+    assert float((lp - b["old_logp"])[sampled_pad].abs().max()) < 1e-5

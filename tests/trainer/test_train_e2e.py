@@ -131,6 +131,7 @@ def test_variants_bf16_rollout_tis_grad_accum_zero2_grpo(tmp_path, ray_cluster):
     for r in recs:
         assert_finite_record(r)
         assert r["rollout/logp_abs_diff"] > 0  # bf16 sampling vs the fp32 learner
+        assert r["rollout_corr/kl"] != 0 and "rollout/mismatch_kl" not in r  # the mismatch KL, reported once
         assert r["staleness/max"] == 3
     with open(os.path.join(run, "provenance.jsonl")) as f:
         for line in f:

@@ -82,9 +82,8 @@ def finish_train_metrics(rank_parts: List[dict]) -> Dict[str, float]:
     if mis:
         tokens = sum(x["tokens"] for x in mis)
         m["rollout/logp_abs_diff"] = sum(x["abs_diff_sum"] for x in mis) / tokens if tokens else 0.0
-        m["rollout/mismatch_kl"] = sum(x["kl_sum"] for x in mis) / tokens if tokens else 0.0
     corr = next((p["rollout_corr"] for p in rank_parts if p.get("rollout_corr")), None)
-    if corr:  # computed on the whole batch: the same on every rank
+    if corr:  # computed on the whole batch: the same on every rank; rollout_corr/kl is the mismatch's token-mean KL
         m.update(corr)
     versions = {p["version"] for p in rank_parts}
     if len(versions) != 1:

@@ -143,11 +143,9 @@ class Learner:
             group["lr"] = lr
 
     def _rank_rows(self, rank: int, n_mb: int, mb: int) -> torch.Tensor:
-        """The batch rows rank `rank` trains: its contiguous share of each of the n_mb mini-batches."""
-        if mb % self.world:
-            raise ValueError(f"{mb} rows do not split evenly over {self.world} learner ranks")
-        per = mb // self.world
-        return torch.cat([torch.arange(k * mb + rank * per, k * mb + (rank + 1) * per) for k in range(n_mb)])
+        """The batch rows rank `rank` trains: its contiguous share (_shard) of each of the n_mb mini-batches."""
+        share = self._shard(mb, rank)
+        return torch.cat([torch.arange(k * mb + share.start, k * mb + share.stop) for k in range(n_mb)])
 
     def _gather_rows(self, local: torch.Tensor, n_mb: int, mb: int) -> torch.Tensor:
         """The whole batch of a per-row tensor of which each rank holds its own rows (all-gather)."""
@@ -162,13 +160,14 @@ class Learner:
             full[self._rank_rows(r, n_mb, mb)] = part
         return full
 
-    def _shard(self, n: int) -> range:
-        """This rank's contiguous share of n rows (n must split evenly: ZeRO-3 ranks must run the same
-        number of forward passes, since every forward gathers the parameters collectively)."""
+    def _shard(self, n: int, rank: Optional[int] = None) -> range:
+        """Rank `rank`'s (default: this rank's) contiguous share of n rows. n must split evenly: ZeRO-3 ranks
+        must run the same number of forward passes, since every forward gathers the parameters collectively."""
         if n % self.world:
             raise ValueError(f"{n} rows do not split evenly over {self.world} learner ranks")
         per = n // self.world
-        return range(self.rank * per, (self.rank + 1) * per)
+        r = self.rank if rank is None else rank
+        return range(r * per, (r + 1) * per)
 
     # -- format warm-up (supervised, before RL; built-in task only) ------------------------------
     def warmup(self, pairs_per_step: List[List[tuple]]) -> dict:
@@ -239,8 +238,8 @@ class Learner:
         if alg.recompute_old_logp:
             recomputed = self._recompute_logp(batch)
             diff = (recomputed - rollout_logp)[mask]
-            mismatch = {"tokens": diff.numel(), "abs_diff_sum": float(diff.abs().sum()),
-                        "kl_sum": float((-diff).sum())}
+            # its token-mean KL is rollout_corr/kl below (veRL's name), computed on the whole batch
+            mismatch = {"tokens": diff.numel(), "abs_diff_sum": float(diff.abs().sum())}
             old_logp = recomputed
             # The correction on the WHOLE batch (every rank computes the same): weights, masks, batch
             # means and metrics do not depend on how the rows are split over ranks.
