@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -358,6 +359,20 @@ PYBIND11_MODULE(VESPO_MODULE, m) {
         return name;
       },
         "Instruction set of the CPU kernels' hot loops: avx512, avx2 or generic (VESPO_CPU_ISA caps it).");
+#endif
+#if defined(VESPO_HAS_CUDA_BACKEND)
+  m.def("kernel_variant", [] {
+        std::string name;
+        checked([&] { name = be::kernel_variant(); });
+        return name;
+      },
+        "Generation of the log-prob kernels the next launches use: v1 (default), v2, v2-mufu or v2-split\n"
+        "(set_kernel_variant, else the environment variable VESPO_CUDA_KERNELS, read at every launch).");
+  m.def("set_kernel_variant", [](std::optional<std::string> name) {
+        checked([&] { be::set_kernel_variant(name ? name->c_str() : nullptr); });
+      }, py::arg("name"),
+        "Use these log-prob kernels from now on in this process (v1, v2, v2-mufu, v2-split); None: follow\n"
+        "VESPO_CUDA_KERNELS again.");
 #endif
   m.def("device_count", [] {
 #if defined(VESPO_HAS_CUDA_BACKEND)

@@ -1,7 +1,8 @@
 """Shared fixtures and helpers for the vespo test-suite.
 
-* `device` fixture: "cpu", plus "cuda" when a GPU is visible and vespo_ext._cuda imports (the CUDA
-  parameter is always generated and skipped otherwise, so the test ids are stable).
+* `device` fixture: "cpu", plus "cuda" and "cuda-v2" (the second generation of the CUDA log-prob
+  kernels) when a GPU is visible and vespo_ext._cuda imports (the CUDA parameters are always
+  generated and skipped otherwise, so the test ids are stable).
 * Random input builders for the padded (B, L, V) and packed (T, V) layouts.
 * Runners for the fused op and for the float64 reference on the *same* values, and the error
   budgets of the issue (loss: 2e-4 of the loss's scale; gradient: 2e-4 of the reference gradient's
@@ -37,8 +38,11 @@ def _cuda_ok() -> bool:
 
 
 CUDA_OK = _cuda_ok()
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not CUDA_OK, reason="needs a CUDA GPU and the vespo_ext._cuda module")])]
+_NEEDS_CUDA = [pytest.mark.cuda,
+               pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and the vespo_ext._cuda module")]
+# "cuda" runs the kernels VESPO_CUDA_KERNELS names (v1 when unset), "cuda-v2" the second generation
+# (vespo_ext._cuda.set_kernel_variant, in this process: no CUDA re-initialisation per variant).
+DEVICES = ["cpu", pytest.param("cuda", marks=_NEEDS_CUDA), pytest.param("cuda-v2", marks=_NEEDS_CUDA)]
 KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 COUNT_METRICS = ("n_pos", "n_neg", "n_seq", "n_tokens")
 TINY = 1e-30
@@ -46,7 +50,14 @@ TINY = 1e-30
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return torch.device(request.param)
+    name = request.param
+    if name.startswith("cuda-"):
+        from vespo_ext import _cuda
+
+        _cuda.set_kernel_variant(name[len("cuda-"):])
+        request.addfinalizer(lambda: _cuda.set_kernel_variant(None))
+        return torch.device("cuda")
+    return torch.device(name)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,9 @@ lands outside an allocation and memcheck sees it). For each shape it runs the fu
 (new gradient and grad_inplace=True, vespo and grpo, with masked tokens, an empty sequence and a
 temperature) and token_logprobs, and compares with vespo_ext.reference in float64. Shapes include
 V = 151937 (odd, just past Qwen's 151936) and V = 1, 7 (smaller than a vector / a warp).
-Exit code 1 on a mismatch. --device cpu runs the same checks on the CPU kernels.
+Exit code 1 on a mismatch. --device cpu runs the same checks on the CPU kernels. On CUDA every check
+runs once per kernel generation of --kernels (default all: v1, v2, v2-mufu, v2-split; chosen in this
+process through vespo_ext._cuda.set_kernel_variant), against the same float64 reference.
 """
 import argparse
 import sys
@@ -22,8 +24,16 @@ from vespo_ext import reference
 parser = argparse.ArgumentParser()
 parser.add_argument("--device", default="cuda")
 parser.add_argument("--quick", action="store_true", help="fewer shapes (for the slower sanitizer tools)")
+parser.add_argument("--kernels", default="v1,v2,v2-mufu,v2-split", help="CUDA kernel generations, comma list")
 args = parser.parse_args()
 device = torch.device(args.device)
+if device.type == "cuda":
+    from vespo_ext import _cuda
+
+    KERNELS = args.kernels.split(",")
+    set_kernels = _cuda.set_kernel_variant
+else:
+    KERNELS, set_kernels = ["cpu"], (lambda name: None)
 
 # (T, V, dtype, sequence lengths)
 SHAPES = [
@@ -50,7 +60,7 @@ def check(name, got, want, tol):
     a, b = got.detach().double().cpu(), want.detach().double().cpu()
     err, scale = float((a - b).abs().max()), float(b.abs().max())
     ok = err <= tol * scale + ATOL and bool(torch.isfinite(a).all())
-    print(f"  {name:24s} max abs diff {err:.2e}  max rel diff {err / max(scale, 1e-30):.2e}  {'ok' if ok else 'FAIL'}")
+    print(f"  {name:34s} max abs diff {err:.2e}  max rel diff {err / max(scale, 1e-30):.2e}  {'ok' if ok else 'FAIL'}")
     if not ok:
         failures.append(name)
 
@@ -70,22 +80,27 @@ for T, V, dtype, lens in SHAPES:
     adv = torch.randn(S, generator=g)
     dev = [t.to(device) for t in (logits, labels, old, adv, mask, cu)]
     print(f"T={T} V={V} {str(dtype).replace('torch.', '')} seqs={lens}")
+    want = {}
     for loss in ("vespo", "grpo"):
         x64 = logits.double().requires_grad_(True)
-        want = reference.policy_loss(x64, labels, old, adv, mask, loss=loss, cu_seqlens=cu, temperature=0.7)
-        (gwant,) = torch.autograd.grad(want, x64)
-        for inplace in (False, True):
-            x = dev[0].clone().requires_grad_(True)
-            got = vespo_ext.policy_loss(x, *dev[1:5], loss=loss, cu_seqlens=dev[5], temperature=0.7,
-                                        grad_inplace=inplace)
-            (ggot,) = torch.autograd.grad(got, x)
-            tag = f"{loss}{' inplace' if inplace else ''}"
-            check(f"{tag} loss", got.reshape(1), want.reshape(1), LOSS_TOL)
-            check(f"{tag} grad", ggot, gwant, TOL[dtype])
-    got = vespo_ext.token_logprobs(dev[0], dev[1], temperature=0.7)
-    check("token_logprobs", got, lp, 1e-4 if dtype == torch.float32 else 1e-3)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        w = reference.policy_loss(x64, labels, old, adv, mask, loss=loss, cu_seqlens=cu, temperature=0.7)
+        want[loss] = (w, torch.autograd.grad(w, x64)[0])
+    for kern in KERNELS:
+        set_kernels(kern)
+        for loss in ("vespo", "grpo"):
+            for inplace in (False, True):
+                x = dev[0].clone().requires_grad_(True)
+                got = vespo_ext.policy_loss(x, *dev[1:5], loss=loss, cu_seqlens=dev[5], temperature=0.7,
+                                            grad_inplace=inplace)
+                (ggot,) = torch.autograd.grad(got, x)
+                tag = f"{kern} {loss}{' inplace' if inplace else ''}"
+                check(f"{tag} loss", got.reshape(1), want[loss][0].reshape(1), LOSS_TOL)
+                check(f"{tag} grad", ggot, want[loss][1], TOL[dtype])
+        got = vespo_ext.token_logprobs(dev[0], dev[1], temperature=0.7)
+        check(f"{kern} token_logprobs", got, lp, 1e-4 if dtype == torch.float32 else 1e-3)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    set_kernels(None)
 
 print("FAILED: " + ", ".join(failures) if failures else "cuda_smoke: all ok")
 sys.exit(1 if failures else 0)

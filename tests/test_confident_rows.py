@@ -144,3 +144,40 @@ def test_near_certain_label_keeps_its_log_prob(device):
         got = vespo_ext.token_logprobs(z.to(dtype).to(device), y.to(device)).double().cpu()
         assert (got < 0).all(), got
         assert torch.allclose(got, ref, rtol=1e-5, atol=0.0), (got, ref)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_label_gradient_on_near_certain_rows(device, inplace):
+    """The label's gradient entry c (1 - p_y) on 151936-wide rows with p_y from 0.5 to 1 - 1e-7, at a
+    temperature, with masked rows and -inf logits. CUDA v2 writes it as -c * expm1(logp) from the forward's
+    logp, v1 as c times the block sum of the other probabilities: either way the row's gradient must sum to
+    0 (sum_v dlogp/dz_v = 0) and the entry must match float64."""
+    T, tau = 48, 0.7
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(T, V, generator=g, dtype=torch.float64) * 2.0
+    y = torch.randint(0, V, (T,), generator=g)
+    q = 10.0 ** -torch.linspace(math.log10(2.0), 7.0, T, dtype=torch.float64)  # 1 - p_y
+    z[torch.arange(T), y] = tau * (math.log((V - 1) * math.exp(2.0 / tau ** 2)) + torch.log((1 - q) / q))
+    z[1::4, :64] = float("-inf")
+    z32 = z.float()
+    mask = torch.ones(T, dtype=torch.bool)
+    mask[5::7] = False
+    old = R.token_logprobs(z32.double(), y, temperature=tau).float() + 0.01
+    cu, adv = torch.tensor([0, T // 2, T]), torch.tensor([1.0, -0.5])
+    x64 = z32.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(R.vespo_loss(x64, y, old, adv, mask, cu_seqlens=cu, temperature=tau), x64)
+    x = z32.to(device).requires_grad_(True)
+    loss = vespo_ext.vespo_loss(x, y.to(device), old.to(device), adv.to(device), mask.to(device),
+                                cu_seqlens=cu.to(device), temperature=tau, grad_inplace=inplace)
+    (gx,) = torch.autograd.grad(loss, x)
+    gd = gx.detach().double().cpu()
+    rows = torch.arange(T)
+    gy, gy64 = gd[rows, y], g64[rows, y]
+    assert (gd[~mask] == 0).all()
+    m = mask & (gy64 != 0)
+    assert int(m.sum()) >= T // 2
+    rel = ((gy - gy64).abs() / gy64.abs())[m]
+    # fp32: the entry's own rounding, log p_y's (relative for a near-certain label) and c's (seq_reduce)
+    assert float(rel.max()) <= 1e-4, f"label entry: max rel err {float(rel.max()):.3g}"
+    row_sum = gd.sum(1)  # float64 sum of the fp32 entries: 0 up to their rounding
+    assert (row_sum.abs()[m] <= 1e-5 * gy.abs()[m] + 1e-6 * gd.abs().max(1).values[m]).all()

@@ -9,16 +9,17 @@
 //   /tmp/ex2_scan [lo]        # e.g. /tmp/ex2_scan -32 ; prints one "binade" line per power of two
 //
 // Each input's relative error (y - ref) / ref is accumulated in double (ref from exp2 in double, which
-// is correctly rounded far beyond fp32's precision). Also the same for a hi/lo-split argument
-// ex2(h) * (1 + l ln2) (h = x rounded to 1/256, l = x - h): the form issue #18 proposes for a
-// hardware-exp forward with a controlled bias.
+// is correctly rounded far beyond fp32's precision). Also the same for the v2 forward's split exponential
+// (csrc/cuda/softmax_state.cuh: SplitExp, VESPO_CUDA_KERNELS=v2-split): ex2(h) * (1 + l ln2 + (l ln2)^2 / 2),
+// h = x rounded to 1/256, l = x - h, the form issue #18 proposes for a hardware-exp forward with a
+// controlled bias (the kernel's own code, so the scan measures exactly what v2-split computes).
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
 
-#include "../../csrc/cuda/common.cuh"
+#include "../../csrc/cuda/softmax_state.cuh"
 
 using vespo::cuda::detail::exp2_poly;
 
@@ -28,13 +29,9 @@ __device__ __forceinline__ float mufu_ex2(float x) {
   return y;
 }
 
-__device__ __forceinline__ float split_ex2(float x) {
-  const float h = rintf(x * 256.f) * (1.f / 256.f);  // exact: |x| < 2^15
-  const float l = x - h;                              // exact, |l| <= 2^-9
-  return mufu_ex2(h) * fmaf(l, 0.6931471805599453f, 1.f);
-}
+__device__ __forceinline__ float split_ex2(float x) { return vespo::cuda::detail::SplitExp::ex2(x); }
 
-constexpr int kVariants = 3;  // 0: MUFU ex2, 1: exp2_poly, 2: split MUFU
+constexpr int kVariants = 3;  // 0: MUFU ex2, 1: exp2_poly, 2: SplitExp (v2-split)
 
 struct Acc {
   double sum[kVariants];
@@ -83,7 +80,7 @@ int main(int argc, char** argv) {
   Acc* d;
   cudaMalloc(&d, sizeof(Acc));
   Acc total{};
-  std::printf("variant: 0 = ex2.approx.ftz.f32 (MUFU), 1 = exp2_poly (software), 2 = MUFU on a 1/256-split argument\n");
+  std::printf("variant: 0 = ex2.approx.ftz.f32 (MUFU), 1 = exp2_poly (software), 2 = SplitExp (v2-split: MUFU on a 1/256-split argument, degree-2 factor)\n");
   std::printf("binade [a, b): n  mean_rel_err[0..2]  max_abs_err_ulp[0..2] (ulp = 2^-24 relative)\n");
   // One binade [a, b) = [-2^(e+1), -2^e) at a time, from lo towards 0.
   for (float a = lo; a < -1e-30f; a *= 0.5f) {

@@ -1,4 +1,5 @@
-// CUDA forward and backward of the per-token log-prob (see params.h):
+// CUDA forward and backward of the per-token log-prob (see params.h), first generation (v1, the
+// default; logprob_fwd_v2.cu / logprob_bwd_v2.cu hold v2), and the entry points of both:
 //   fwd: one block per row t, one streaming read of the row: online (max, sum-exp[, sum-exp*x])
 //        per thread, then a fixed-shape block reduction -> logp[t], lse[t], entropy[t].
 //   bwd: one block per row t, one read of the row and one write of the gradient row:
@@ -8,6 +9,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "logprob_host.cuh"
 #include "softmax_state.cuh"
 #include "vespo/kernels.h"
 #include "vespo/math.h"
@@ -258,49 +260,7 @@ __global__ void __launch_bounds__(BLOCK) logprob_bwd_kernel(const LogprobParams 
 // Host side
 // ------------------------------------------------------------------------------------------------
 
-using detail::require;
-
-void check_params(const LogprobParams& p, const char* fn, bool bwd) {
-  using std::to_string;
-  require(p.T >= 0, fn, "T must be >= 0, got " + to_string(p.T));
-  require(p.T <= INT32_MAX, fn, "T must be < 2^31 (one CUDA block per row), got " + to_string(p.T));
-  require(p.V >= 1, fn, "vocabulary size V must be >= 1, got " + to_string(p.V));
-  require(p.V <= (int64_t(1) << 30), fn, "vocabulary size V must be <= 2^30, got " + to_string(p.V));
-  require(p.dtype == DType::kFloat32 || p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16, fn,
-          "unsupported logits dtype " + to_string(static_cast<int>(p.dtype)));
-  require(p.inv_temperature > 0.f && p.inv_temperature <= FLT_MAX, fn,
-          "inv_temperature must be finite and > 0");
-  if (p.T == 0) return;
-  const int64_t es = detail::elem_size(p.dtype);
-  require(p.row_stride >= p.V, fn, "logits row_stride " + to_string(p.row_stride) + " < V=" + to_string(p.V));
-  require(p.logits != nullptr, fn, "logits is required");
-  require(p.labels != nullptr, fn, "labels is required");
-  require(p.logp != nullptr, fn, "logp is required");
-  require(p.lse != nullptr, fn, "lse is required");
-  require((p.row_max == nullptr) == (p.log_sum == nullptr), fn, "row_max and log_sum go together (both or neither)");
-  require(reinterpret_cast<uintptr_t>(p.logits) % es == 0, fn, "logits must be element-aligned");
-  if (!bwd) return;
-  require(p.dlogp != nullptr, fn, "dlogp is required");
-  require(p.grad != nullptr, fn, "grad is required");
-  require(p.grad_row_stride >= p.V, fn,
-          "grad_row_stride " + to_string(p.grad_row_stride) + " < V=" + to_string(p.V));
-  require(reinterpret_cast<uintptr_t>(p.grad) % es == 0, fn, "grad must be element-aligned");
-  // In-place is supported only as an exact alias (same pointer and row stride): otherwise a block
-  // could overwrite logits another block still has to read.
-  const uintptr_t z0 = reinterpret_cast<uintptr_t>(p.logits), g0 = reinterpret_cast<uintptr_t>(p.grad);
-  const uintptr_t z1 = z0 + static_cast<uintptr_t>(((p.T - 1) * p.row_stride + p.V) * es);
-  const uintptr_t g1 = g0 + static_cast<uintptr_t>(((p.T - 1) * p.grad_row_stride + p.V) * es);
-  const bool overlap = z0 < g1 && g0 < z1;
-  require(!overlap || (z0 == g0 && p.row_stride == p.grad_row_stride), fn,
-          "grad may alias logits only exactly (same pointer and row stride)");
-}
-
-// Threads per row: enough 16-byte vectors per thread to amortise the block reduction.
-template <typename T>
-int pick_block(int64_t V) {
-  const int64_t nv = V / Elem<T>::kVec;
-  return nv >= 8192 ? 512 : (nv >= 512 ? 256 : 128);
-}
+using detail::pick_block;
 
 template <typename T, bool ENT>
 void launch_fwd_t(const LogprobParams& p, cudaStream_t stream) {
@@ -328,28 +288,22 @@ void launch_bwd(const LogprobParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-// Calls f with a value of the logits' element type (float, __nv_bfloat16 or __half).
-template <typename F>
-void by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    default: f(__half{}); break;
-  }
-}
-
 void logprob_fwd(const LogprobParams& p) {
-  check_params(p, "logprob_fwd", false);
+  detail::check_params(p, "logprob_fwd", false);
+  const Kernels k = active_kernels();
   if (p.T == 0) return;
   detail::ensure_device();
-  by_dtype(p.dtype, [&](auto tag) { launch_fwd<decltype(tag)>(p, detail::as_stream(p.stream)); });
+  if (k != Kernels::kV1) return launch_fwd_v2(p, k, detail::as_stream(p.stream));
+  detail::by_dtype(p.dtype, [&](auto tag) { launch_fwd<decltype(tag)>(p, detail::as_stream(p.stream)); });
 }
 
 void logprob_bwd(const LogprobParams& p) {
-  check_params(p, "logprob_bwd", true);
+  detail::check_params(p, "logprob_bwd", true);
+  const Kernels k = active_kernels();
   if (p.T == 0) return;
   detail::ensure_device();
-  by_dtype(p.dtype, [&](auto tag) { launch_bwd<decltype(tag)>(p, detail::as_stream(p.stream)); });
+  if (k != Kernels::kV1) return launch_bwd_v2(p, detail::as_stream(p.stream));
+  detail::by_dtype(p.dtype, [&](auto tag) { launch_bwd<decltype(tag)>(p, detail::as_stream(p.stream)); });
 }
 
 }  // namespace cuda

@@ -44,6 +44,38 @@ VESPO_SM_HD float fwd_exp2(float x) {
 #endif
 }
 
+// The exponential as a type, so a kernel can be instantiated for each (issue #18 part 2: v2 picks it
+// at run time). FwdExp is v1's compile-time choice above.
+struct FwdExp {
+  static VESPO_SM_HD float ex2(float x) { return fwd_exp2(x); }
+};
+struct PolyExp {
+  static VESPO_SM_HD float ex2(float x) { return exp2_poly(x); }
+};
+// ex2.approx (MUFU) on the whole argument: one instruction, error of unknown mean (measure it first:
+// benchmarks/gpu/ex2_error_scan.cu). On the host (replays) exp2f stands in.
+struct MufuExp {
+  static VESPO_SM_HD float ex2(float x) {
+#if defined(__CUDA_ARCH__)
+    return detail::ex2(x);
+#else
+    return exp2f(x);
+#endif
+  }
+};
+// MUFU on the argument rounded to 1/256 (h), times a degree-2 polynomial in the exact remainder
+// l = x - h, |l| <= 2^-9: its truncation error (l ln2)^3 / 6 < 6e-10 keeps the mean error that of
+// MUFU on the 1/256 grid. A degree-1 factor would leave a one-sided error of up to (l ln2)^2 / 2 =
+// 9e-7, far above the 1e-8 per-token budget. x < -127 gives 0 (MUFU flushes 2^-127); NaN stays NaN.
+struct SplitExp {
+  static VESPO_SM_HD float ex2(float x) {
+    const float xc = x < -127.f ? -127.f : x;      // -inf must not reach x - h (inf - inf)
+    const float h = rintf(xc * 256.f) * (1.f / 256.f);  // exact for |x| < 2^15
+    const float l = xc - h;                        // exact
+    return MufuExp::ex2(h) * fmaf(l, fmaf(l, 0.2402265069591007f, 0.6931471805599453f), 1.f);
+  }
+};
+
 struct SmState {
   float zmax, n, s, r;
 };
@@ -69,14 +101,13 @@ VESPO_SM_HD float scale2(float x, Scale2 c) { return fmaf(x, c.hi, x * c.lo); }
 VESPO_SM_HD float ref_of(float zmax) { return fmaxf(zmax, -FLT_MAX); }
 
 // Folds N logits into the state: one rescale per call (if the max grew), then N exponentials.
-template <int N, bool ENT>
-VESPO_SM_HD void fold(SmState& st, const float (&z)[N], Scale2 c2) {
-  float zm = z[0];
-#pragma unroll
-  for (int j = 1; j < N; ++j) zm = fmaxf(zm, z[j]);
+// zm = max_j z[j] (fmaxf semantics: NaNs ignored), computed by the caller (v2 takes it on packed
+// 16-bit pairs).
+template <int N, bool ENT, class X = FwdExp>
+VESPO_SM_HD void fold_max(SmState& st, const float (&z)[N], float zm, Scale2 c2) {
   if (zm > st.zmax) {  // false for NaN: a NaN logit then reaches s below and propagates
     const float dm = scale2(ref_of(st.zmax) - ref_of(zm), c2);  // < 0, possibly -inf
-    const float sc = fwd_exp2(dm);
+    const float sc = X::ex2(dm);
     const float tot = st.n + st.s;
     // r' = sum 2^(d + dm) (d + dm) = sc * (r + dm * (n + s)); guarded so -inf * 0 cannot occur.
     if (ENT) st.r = sc == 0.f ? 0.f : sc * fmaf(dm, tot, st.r);
@@ -90,7 +121,7 @@ VESPO_SM_HD void fold(SmState& st, const float (&z)[N], Scale2 c2) {
   for (int j = 0; j < N; ++j) {
     float d = scale2(z[j] - ref, c2);
     if (ENT) d = d < -256.f ? -256.f : d;  // -inf logit: e = 0 and e * d = 0, not 0 * -inf (NaN kept)
-    const float e = fwd_exp2(d);
+    const float e = X::ex2(d);
     const bool one = d == 0.f;  // a max element: counted exactly
     st.n += one ? 1.f : 0.f;
     t[j] = one ? 0.f : e;
@@ -108,23 +139,31 @@ VESPO_SM_HD void fold(SmState& st, const float (&z)[N], Scale2 c2) {
   st.s += t[0];
 }
 
+template <int N, bool ENT, class X = FwdExp>
+VESPO_SM_HD void fold(SmState& st, const float (&z)[N], Scale2 c2) {
+  float zm = z[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) zm = fmaxf(zm, z[j]);
+  fold_max<N, ENT, X>(st, z, zm, c2);
+}
+
 // One side of a merge: the state re-expressed relative to the merged max (d = its shift, <= 0).
-template <bool ENT>
+template <bool ENT, class X = FwdExp>
 VESPO_SM_HD void rebase(float d, float& n, float& s, float& r) {
   if (d == 0.f) return;  // this side holds the merged max: its count stays exact
-  const float f = fwd_exp2(d), tot = n + s;
+  const float f = X::ex2(d), tot = n + s;
   if (ENT) r = f == 0.f ? 0.f : f * fmaf(d, tot, r);
   s = tot * f;
   n = 0.f;
 }
 
 // a <- a (+) b. Symmetric in its two operands (the sums commute exactly).
-template <bool ENT>
+template <bool ENT, class X = FwdExp>
 VESPO_SM_HD void merge(SmState& a, SmState b, Scale2 c2) {
   const float M = fmaxf(a.zmax, b.zmax);
   const float RM = ref_of(M);
-  rebase<ENT>(scale2(ref_of(a.zmax) - RM, c2), a.n, a.s, a.r);
-  rebase<ENT>(scale2(ref_of(b.zmax) - RM, c2), b.n, b.s, b.r);
+  rebase<ENT, X>(scale2(ref_of(a.zmax) - RM, c2), a.n, a.s, a.r);
+  rebase<ENT, X>(scale2(ref_of(b.zmax) - RM, c2), b.n, b.s, b.r);
   a.n += b.n;
   a.s += b.s;
   if (ENT) a.r += b.r;

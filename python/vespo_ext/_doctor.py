@@ -40,6 +40,16 @@ def _cpu_isa_line(core, isas) -> str:
     return f"{built}; this CPU runs {run}" + (f" (VESPO_CPU_ISA={env})" if env else "")
 
 
+def _cuda_kernels_line(cuda) -> str:
+    """The log-prob kernels' generation the CUDA launches use (VESPO_CUDA_KERNELS)."""
+    if not hasattr(cuda, "kernel_variant"):  # a module built before the variants
+        return "log-prob kernels v1"
+    try:
+        return f"log-prob kernels {cuda.kernel_variant()}"
+    except ValueError as exc:  # a bad VESPO_CUDA_KERNELS
+        return str(exc)
+
+
 def _cuda_archs(spec: str) -> str:
     sass = [a.split("-")[0] for a in spec.split(";") if a.endswith("-real")]
     ptx = [a.split("-")[0] for a in spec.split(";") if a.endswith("-virtual")]
@@ -182,7 +192,8 @@ def main(argv=None, out=None) -> int:
         problems.append("the CPU module does not load: reinstall (pip install --force-reinstall vespo)")
     if cuda[0] is not None:
         n = cuda[0].device_count()
-        p(f"_cuda     loaded; {_cuda_archs(archs) if archs else 'archs unknown'}; CUDA devices visible: {n}")
+        p(f"_cuda     loaded; {_cuda_archs(archs) if archs else 'archs unknown'}; CUDA devices visible: {n}; "
+          f"{_cuda_kernels_line(cuda[0])}")
     elif archs:
         p(f"_cuda     NOT LOADED: {cuda[1]}")
         problems.append("the CUDA module was built but does not load")

@@ -75,6 +75,8 @@ struct LogprobParams {
   // Backward inputs/outputs. The backward also reads what the forward wrote: row_max and log_sum
   // when given (else lse); the label's own logit is never re-read (its term is computed as the sum
   // of the other probabilities).
+  // The CUDA v2 backward (VESPO_CUDA_KERNELS=v2*) takes the label's term c (1 - p_y) from logp
+  // instead, as -c expm1(logp[t]): logp must be the forward's own, at the same temperature and mask.
   const float* dlogp = nullptr;       // (T,) dloss/dlogp_t (already includes mask and agg weight)
   const float* grad_scale = nullptr;  // optional 0-d upstream gradient (device scalar); 1 if null
   void* grad = nullptr;               // (T, V) with grad_row_stride, dtype == dtype; may alias logits
