@@ -16,6 +16,15 @@
 #else
 #define VESPO_X86_DISPATCH 0
 #endif
+// A fourth path, AVX-512 plus AVX512_BF16 (vcvtneps2bf16 for the bf16 gradient store), where
+// CMakeLists.txt found that the compiler and assembler take it (VESPO_HAVE_AVX512BF16=1).
+#if VESPO_X86_DISPATCH && defined(VESPO_HAVE_AVX512BF16) && VESPO_HAVE_AVX512BF16
+#define VESPO_X86_BF16 1
+#define VESPO_TARGET_AVX512BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#include <immintrin.h>
+#else
+#define VESPO_X86_BF16 0
+#endif
 // Small helpers are always inlined, so that they take the instruction set of the loop they are in.
 #define VESPO_INLINE __attribute__((always_inline)) inline
 
@@ -23,9 +32,10 @@ namespace vespo {
 namespace cpu {
 
 // The instruction set of the CPU kernels' hot loops: the best this CPU supports (checked once),
-// capped by the environment variable VESPO_CPU_ISA=avx512|avx2|generic (for tests and benchmarks of
-// the other code paths on one machine). An unknown value throws std::invalid_argument.
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+// capped by the environment variable VESPO_CPU_ISA=avx512bf16|avx512|avx2|generic (for tests and
+// benchmarks of the other code paths on one machine). An unknown value throws std::invalid_argument.
+// avx512bf16 is avx512 with the hardware fp32 -> bf16 conversion; its outputs equal avx512's bitwise.
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 Isa isa();
 const char* isa_name(Isa i);
 
@@ -213,6 +223,21 @@ struct Vec {
     return m;
   }
 };
+
+#if VESPO_X86_BF16
+// Vec<16>::store(bf16_t*) by vcvtneps2bf16: the same round-to-nearest-even on normal numbers,
+// zeros and infinities, but the instruction flushes fp32 subnormals to a signed zero and keeps a
+// NaN's sign and payload, where the software store rounds subnormals and writes one quiet NaN.
+// Vectors holding either (vfpclassps: QNaN 0x01, subnormal 0x20, SNaN 0x80) take the software
+// store, so the result equals it bit for bit on every input. Not always_inline: GCC refuses that
+// into the (untargeted) templates; the flatten attribute of the avx512bf16 loop inlines it there.
+VESPO_TARGET_AVX512BF16 inline void store_bf16_hw(bf16_t* p, Vec<16>::f v) {
+  const __m512 x = (__m512)v;
+  if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0xA1) != 0, 0)) return Vec<16>::store(p, v);
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  std::memcpy(p, &h, sizeof h);
+}
+#endif
 
 }  // namespace cpu
 }  // namespace vespo

@@ -154,7 +154,8 @@ VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::
 
 // Writes g[v] = -c * p_v for v in [b, e), p_v = exp((z_v - m) * it - ls), and returns sum of p_v over
 // the range. (z - m) first: exact for nearby values whatever the logits' offset.
-template <class T, int N>
+// HW: the bf16 vector store by the hardware conversion (store_bf16_hw; equal bit for bit).
+template <class T, int N, bool HW>
 VESPO_INLINE float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it, float m, float ls) {
   using W = Vec<N>;
   using vf = typename W::f;
@@ -164,7 +165,11 @@ VESPO_INLINE float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, fl
   for (; v + N <= e; v += N) {
     const vf pv = W::template exp<true>((W::load(z + v) - vm) * vit - vls);
     acc += pv;
-    W::store(g + v, vnc * pv);
+#if VESPO_X86_BF16
+    if constexpr (HW && N == 16 && std::is_same_v<T, bf16_t>) store_bf16_hw(g + v, vnc * pv);
+    else
+#endif
+      W::store(g + v, vnc * pv);
   }
   float sum = W::sum(acc);
   for (; v < e; ++v) {
@@ -175,7 +180,7 @@ VESPO_INLINE float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, fl
   return sum;
 }
 
-template <class T, int N>
+template <class T, int N, bool HW = false>
 VESPO_INLINE void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1) {
   const T* zbase = static_cast<const T*>(p.logits);
   T* gbase = static_cast<T*>(p.grad);
@@ -198,10 +203,10 @@ VESPO_INLINE void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1) {
     const int64_t y = p.labels[t];
     if (y != p.ignore_index && y >= 0 && y < V) {
       // The label's term c * (1 - p_y) as c * sum_{v != y} p_v: exact even when p_y rounds to 1.
-      const float rest = bwd_range<T, N>(z, g, 0, y, c, it, m, ls) + bwd_range<T, N>(z, g, y + 1, V, c, it, m, ls);
+      const float rest = bwd_range<T, N, HW>(z, g, 0, y, c, it, m, ls) + bwd_range<T, N, HW>(z, g, y + 1, V, c, it, m, ls);
       store(g, y, c * rest);
     } else {
-      bwd_range<T, N>(z, g, 0, V, c, it, m, ls);
+      bwd_range<T, N, HW>(z, g, 0, V, c, it, m, ls);
     }
   }
 }
@@ -221,11 +226,15 @@ VESPO_TARGET_AVX512 void fwd_rows_avx512(const LogprobParams& p, int64_t r0, int
 template <class T>
 VESPO_TARGET_AVX512 void bwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 16>(p, r0, r1); }
 #endif
+#if VESPO_X86_BF16
+// Only the bf16 backward differs from avx512 (its store); the forward stores no bf16.
+VESPO_TARGET_AVX512BF16 __attribute__((flatten)) void bwd_rows_avx512bf16(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<bf16_t, 16, true>(p, r0, r1); }
+#endif
 
 template <class T>
 void fwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
 #if VESPO_X86_DISPATCH
-  if (i == Isa::kAvx512) return fwd_rows_avx512<T>(p, r0, r1, bad);
+  if (i == Isa::kAvx512 || i == Isa::kAvx512Bf16) return fwd_rows_avx512<T>(p, r0, r1, bad);
   if (i == Isa::kAvx2) return fwd_rows_avx2<T>(p, r0, r1, bad);
 #endif
   (void)i;
@@ -233,8 +242,12 @@ void fwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1, std::at
 }
 template <class T>
 void bwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1) {
+#if VESPO_X86_BF16
+  if constexpr (std::is_same_v<T, bf16_t>)
+    if (i == Isa::kAvx512Bf16) return bwd_rows_avx512bf16(p, r0, r1);
+#endif
 #if VESPO_X86_DISPATCH
-  if (i == Isa::kAvx512) return bwd_rows_avx512<T>(p, r0, r1);
+  if (i == Isa::kAvx512 || i == Isa::kAvx512Bf16) return bwd_rows_avx512<T>(p, r0, r1);
   if (i == Isa::kAvx2) return bwd_rows_avx2<T>(p, r0, r1);
 #endif
   (void)i;
@@ -285,6 +298,9 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 Isa detect_isa() {
 #if VESPO_X86_DISPATCH
   __builtin_cpu_init();
+#if VESPO_X86_BF16
+  if (__builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
+#endif
   if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
   if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
 #endif
@@ -293,7 +309,9 @@ Isa detect_isa() {
 
 }  // namespace
 
-const char* isa_name(Isa i) { return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "generic"; }
+const char* isa_name(Isa i) {
+  return i == Isa::kAvx512Bf16 ? "avx512bf16" : i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "generic";
+}
 
 Isa isa() {
   static const Isa best = detect_isa();
@@ -301,10 +319,11 @@ Isa isa() {
   if (env == nullptr || *env == 0) return best;
   const std::string want(env);
   Isa cap;
-  if (want == "avx512") cap = Isa::kAvx512;
+  if (want == "avx512bf16") cap = Isa::kAvx512Bf16;
+  else if (want == "avx512") cap = Isa::kAvx512;
   else if (want == "avx2") cap = Isa::kAvx2;
   else if (want == "generic") cap = Isa::kGeneric;
-  else throw std::invalid_argument("VESPO_CPU_ISA must be avx512, avx2 or generic (or unset), got '" + want + "'");
+  else throw std::invalid_argument("VESPO_CPU_ISA must be avx512bf16, avx512, avx2 or generic (or unset), got '" + want + "'");
   return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
 }
 
