@@ -203,6 +203,24 @@ struct Vec {
   static VESPO_INLINE void store(f16_t* p, f v) { for (int k = 0; k < N; ++k) cpu::store(p, k, v[k]); }
 #endif
   static VESPO_INLINE f max(f a, f b) { return a > b ? a : b; }
+  // Two vectors from the 2N contiguous elements at p, for the forward's order-free uses (the max,
+  // the exp-sum): contiguous halves, except bf16 at 16 lanes, where the elements are interleaved
+  // with zeros in each 128-bit lane (vpunpcklwd/vpunpckhwd: the fp32 bits without a shift).
+  template <class T>
+  static VESPO_INLINE void load_pair(const T* p, f& a, f& b) { a = load(p); b = load(p + N); }
+  static VESPO_INLINE void load_pair(const bf16_t* p, f& a, f& b) {
+    if constexpr (N == 16) {
+      typedef uint16_t h32 __attribute__((vector_size(64)));
+      h32 x;
+      std::memcpy(&x, p, sizeof x);
+      const h32 z = {};
+      a = (f)__builtin_shufflevector(z, x, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43, 16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
+      b = (f)__builtin_shufflevector(z, x, 4, 36, 5, 37, 6, 38, 7, 39, 12, 44, 13, 45, 14, 46, 15, 47, 20, 52, 21, 53, 22, 54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
+    } else {
+      a = load(p);
+      b = load(p + N);
+    }
+  }
 
   // e^x lane-wise (see exp_1 above for the method and its error).
   template <bool HI>

@@ -35,8 +35,9 @@ void note_bad_row(std::atomic<int64_t>* bad, int64_t row1) {
 // holds 1 rounds away every later term below half an ulp of 1 (6e-8), and a confident row's tail is
 // made of hundreds of such terms. MAXCHUNK=false is the common chunk that cannot hold a max element
 // (x < 0 for all its elements): no per-element test. While the chunk is summed from L1, the next
-// chunk `nxt` is prefetched, so the memory stream goes on during the arithmetic.
-template <class T, int N, bool ENT, bool MAXCHUNK>
+// chunk `nxt` is prefetched, so the memory stream goes on during the arithmetic. UNIT: it == 1
+// (temperature 1, the common case): the multiplication by it is skipped (x * 1 == x, bit for bit).
+template <class T, int N, bool ENT, bool MAXCHUNK, bool UNIT>
 VESPO_INLINE float chunk_sum(const T* zc, int64_t n, float mz, float it, const T* nxt, float* tail2,
                              int64_t* ones) {
   using W = Vec<N>;
@@ -50,7 +51,11 @@ VESPO_INLINE float chunk_sum(const T* zc, int64_t n, float mz, float it, const T
   const char* pf = reinterpret_cast<const char*>(nxt);
   for (int64_t v = 0; v < nv; v += kStep) {
     for (int64_t o = 0; o < kBytes; o += 64) __builtin_prefetch(pf + v * static_cast<int64_t>(sizeof(T)) + o, 0, 3);
-    const vf x0 = (W::load(zc + v) - vmz) * vit, x1 = (W::load(zc + v + N) - vmz) * vit;
+    vf x0, x1;
+    W::load_pair(zc + v, x0, x1);
+    x0 -= vmz;
+    x1 -= vmz;
+    if (!UNIT) { x0 *= vit; x1 *= vit; }
     vf a0 = W::template exp<false>(x0), a1 = W::template exp<false>(x1);
     if (MAXCHUNK) {
       const vi one0 = x0 == vzero, one1 = x1 == vzero;  // all-ones lanes where x == 0
@@ -76,8 +81,8 @@ VESPO_INLINE float chunk_sum(const T* zc, int64_t n, float mz, float it, const T
   return ts;
 }
 
-template <class T, int N>
-VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
+template <class T, int N, bool UNIT>
+VESPO_INLINE void fwd_rows_t(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
   using W = Vec<N>;
   using vf = typename W::f;
   const T* base = static_cast<const T*>(p.logits);
@@ -108,8 +113,10 @@ VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::
       const T* nxt = c0 + kChunk < V ? zc + kChunk : (t + 1 < r1 ? z + p.row_stride : zc);
       vf m0 = W::splat(-INFINITY), m1 = m0;
       for (int64_t v = 0; v < nv; v += 2 * N) {
-        m0 = W::max(m0, W::load(zc + v));
-        m1 = W::max(m1, W::load(zc + v + N));
+        vf a, b;
+        W::load_pair(zc + v, a, b);
+        m0 = W::max(m0, a);
+        m1 = W::max(m1, b);
       }
       float cm = W::hmax(W::max(m0, m1));
       for (int64_t v = nv; v < n; ++v) cm = load(zc, v) > cm ? load(zc, v) : cm;
@@ -125,11 +132,11 @@ VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::
       float ts2 = 0.f, ts;
       const bool maxchunk = cm == mz;
       if (want_entropy) {
-        ts = maxchunk ? chunk_sum<T, N, true, true>(zc, n, mz, it, nxt, &ts2, &ones)
-                      : chunk_sum<T, N, true, false>(zc, n, mz, it, nxt, &ts2, &ones);
+        ts = maxchunk ? chunk_sum<T, N, true, true, UNIT>(zc, n, mz, it, nxt, &ts2, &ones)
+                      : chunk_sum<T, N, true, false, UNIT>(zc, n, mz, it, nxt, &ts2, &ones);
       } else {
-        ts = maxchunk ? chunk_sum<T, N, false, true>(zc, n, mz, it, nxt, &ts2, &ones)
-                      : chunk_sum<T, N, false, false>(zc, n, mz, it, nxt, &ts2, &ones);
+        ts = maxchunk ? chunk_sum<T, N, false, true, UNIT>(zc, n, mz, it, nxt, &ts2, &ones)
+                      : chunk_sum<T, N, false, false, UNIT>(zc, n, mz, it, nxt, &ts2, &ones);
       }
       tail += ts;
       s2 += ts2;
@@ -150,6 +157,12 @@ VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::
       if (y != p.ignore_index) note_bad_row(bad, t + 1);
     }
   }
+}
+
+template <class T, int N>
+VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
+  if (p.inv_temperature == 1.f) fwd_rows_t<T, N, true>(p, r0, r1, bad);
+  else fwd_rows_t<T, N, false>(p, r0, r1, bad);
 }
 
 // Writes g[v] = -c * p_v for v in [b, e), p_v = exp((z_v - m) * it - ls), and returns sum of p_v over
