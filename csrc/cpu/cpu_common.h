@@ -172,6 +172,12 @@ VESPO_VEC_TYPES(16)
 #undef VESPO_VEC_TYPES
 #undef VESPO_VEC_HALF
 
+#if VESPO_X86_DISPATCH
+// Vec<16>::exp<false> in AVX-512 form (defined below). Not always_inline: GCC refuses intrinsics in
+// untargeted always_inline templates; the AVX-512 forward loop is `flatten`ed, which inlines it.
+VESPO_TARGET_AVX512 inline VecTypes<16>::f exp_avx512(VecTypes<16>::f x);
+#endif
+
 template <int N>
 struct Vec {
   typedef typename VecTypes<N>::f f;
@@ -225,6 +231,9 @@ struct Vec {
   // e^x lane-wise (see exp_1 above for the method and its error).
   template <bool HI>
   static VESPO_INLINE f exp(f x) {
+#if VESPO_X86_DISPATCH
+    if constexpr (N == 16 && !HI) return exp_avx512(x);
+#endif
     x = x < kExpLo ? splat(kExpLo) : x;  // NaN < lo is false: NaN stays
     if (HI) x = x > kExpHi ? splat(kExpHi) : x;
     const f t = x * kLog2e + kExpMagic;
@@ -241,6 +250,20 @@ struct Vec {
     return m;
   }
 };
+
+#if VESPO_X86_DISPATCH
+// Vec<16>::exp<false> by AVX-512 instructions: the range reduction and polynomial of exp_reduced,
+// then 2^n applied by vscalefps (exact, as the multiplication by the built 2^n bits is, but for a
+// subnormal product), zero-masked where n <= -127 (the lanes the generic form clamps to 0:
+// x <= -127 ln 2, -inf included); NaN compares unordered and propagates. No clamp, shift or add.
+VESPO_TARGET_AVX512 inline VecTypes<16>::f exp_avx512(VecTypes<16>::f x) {
+  using f = VecTypes<16>::f;
+  const f t = x * kLog2e + kExpMagic;
+  const f q = exp_reduced(x, t), n = t - kExpMagic;
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)n, _mm512_set1_ps(-127.f), _CMP_NLE_UQ);
+  return (f)_mm512_maskz_scalef_ps(keep, (__m512)q, (__m512)n);
+}
+#endif
 
 #if VESPO_X86_BF16
 // Vec<16>::store(bf16_t*) by vcvtneps2bf16: the same round-to-nearest-even on normal numbers,
