@@ -173,8 +173,9 @@ VESPO_VEC_TYPES(16)
 #undef VESPO_VEC_HALF
 
 #if VESPO_X86_DISPATCH
-// Vec<16>::exp<false> in AVX-512 form (defined below). Not always_inline: GCC refuses intrinsics in
-// untargeted always_inline templates; the AVX-512 forward loop is `flatten`ed, which inlines it.
+// Vec<16>::exp in AVX-512 form (defined below). Not always_inline: GCC refuses intrinsics in
+// untargeted always_inline templates; the AVX-512 row loops are `flatten`ed, which inlines it.
+template <bool HI>
 VESPO_TARGET_AVX512 inline VecTypes<16>::f exp_avx512(VecTypes<16>::f x);
 #endif
 
@@ -232,7 +233,7 @@ struct Vec {
   template <bool HI>
   static VESPO_INLINE f exp(f x) {
 #if VESPO_X86_DISPATCH
-    if constexpr (N == 16 && !HI) return exp_avx512(x);
+    if constexpr (N == 16) return exp_avx512<HI>(x);
 #endif
     x = x < kExpLo ? splat(kExpLo) : x;  // NaN < lo is false: NaN stays
     if (HI) x = x > kExpHi ? splat(kExpHi) : x;
@@ -252,12 +253,14 @@ struct Vec {
 };
 
 #if VESPO_X86_DISPATCH
-// Vec<16>::exp<false> by AVX-512 instructions: the range reduction and polynomial of exp_reduced,
+// Vec<16>::exp by AVX-512 instructions: the range reduction and polynomial of exp_reduced,
 // then 2^n applied by vscalefps (exact, as the multiplication by the built 2^n bits is, but for a
 // subnormal product), zero-masked where n <= -127 (the lanes the generic form clamps to 0:
 // x <= -127 ln 2, -inf included); NaN compares unordered and propagates. No clamp, shift or add.
+template <bool HI>
 VESPO_TARGET_AVX512 inline VecTypes<16>::f exp_avx512(VecTypes<16>::f x) {
   using f = VecTypes<16>::f;
+  if (HI) x = x > kExpHi ? f{} + kExpHi : x;
   const f t = x * kLog2e + kExpMagic;
   const f q = exp_reduced(x, t), n = t - kExpMagic;
   const __mmask16 keep = _mm512_cmp_ps_mask((__m512)n, _mm512_set1_ps(-127.f), _CMP_NLE_UQ);

@@ -237,7 +237,7 @@ VESPO_TARGET_AVX2 void bwd_rows_avx2(const LogprobParams& p, int64_t r0, int64_t
 template <class T>
 VESPO_TARGET_AVX512 __attribute__((flatten)) void fwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 16>(p, r0, r1, bad); }
 template <class T>
-VESPO_TARGET_AVX512 void bwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 16>(p, r0, r1); }
+VESPO_TARGET_AVX512 __attribute__((flatten)) void bwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 16>(p, r0, r1); }
 #endif
 #if VESPO_X86_BF16
 // Only the bf16 backward differs from avx512 (its store); the forward stores no bf16.
