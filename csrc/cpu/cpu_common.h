@@ -1,5 +1,5 @@
 // Small CPU building blocks: a deterministic parallel-for over std::thread, a vectorisable exp,
-// element loads/stores for fp32/bf16/fp16, and the per-instruction-set code paths (AVX-512, AVX2, baseline).
+// element loads/stores for fp32/bf16/fp16, and the per-instruction-set code paths (AVX-512 [+BF16], AVX2, baseline).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -137,7 +137,7 @@ static VESPO_INLINE F exp_reduced(F x, F t) {
 // Taylor polynomial on |r| <= ln2/2 (max rel. error 1.2e-7, odd in r: it averages out over a row),
 // times 2^n built in the exponent field (bits(t) = bits(magic) + n). x <= -127 ln 2 (incl. -inf)
 // gives exactly 0, NaN propagates; HI clamps x > 127 ln 2 (needed only where x can be positive).
-// Vec<N>::exp is the same, lane-wise.
+// Vec<N>::exp is the same, lane-wise (at 16 lanes with vscalefps for 2^n: exp_avx512 below).
 template <bool HI>
 static VESPO_INLINE float exp_1(float x) {
   x = x < kExpLo ? kExpLo : x;
