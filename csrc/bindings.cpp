@@ -358,7 +358,7 @@ PYBIND11_MODULE(VESPO_MODULE, m) {
         checked([&] { name = vespo::cpu::active_isa(); });
         return name;
       },
-        "Instruction set of the CPU kernels' hot loops: avx512, avx2 or generic (VESPO_CPU_ISA caps it).");
+        "Instruction set of the CPU kernels' hot loops: avx512bf16, avx512, avx2 or generic (VESPO_CPU_ISA caps it).");
 #endif
 #if defined(VESPO_HAS_CUDA_BACKEND)
   m.def("kernel_variant", [] {

@@ -1,12 +1,14 @@
-"""The CPU kernels' code paths: AVX-512, AVX2 and the baseline loops (issue #18, part 3).
+"""The CPU kernels' code paths: AVX-512 (+ AVX512_BF16), AVX2 and the baseline loops (issue #18, part 3).
 
-One build holds all three and picks the best the CPU runs; VESPO_CPU_ISA caps the choice, so
+One build holds all of them and picks the best the CPU runs; VESPO_CPU_ISA caps the choice, so
 every path this CPU can run is checked here, each in a subprocess (the choice is made per call,
 but a subprocess also proves the variable works from the environment). Each path must meet the
 same float64 budgets as the default one: the confident-row bias at V = 151936 (mean signed
 per-token error <= 1e-8, as tests/test_confident_rows.py for the default path), and loss,
 gradient, log-probs and entropy on an odd-V batch (every loop tail length), in every dtype, with
-temperature, -inf logits, a near-certain label and masked tokens.
+temperature, -inf logits, a near-certain label and masked tokens. avx512bf16 (avx512 with the
+bf16 gradient stored by vcvtneps2bf16) must equal avx512 bit for bit, and every path's bf16 store
+must round as the software round-to-nearest-even does on ties, subnormals, overflow and NaN.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +26,7 @@ from vespo_ext import reference as R
 from conftest import assert_grad_close, assert_loss_close, grad_tol_for, make_packed, to_double, vespo_loss_scale
 
 _core = pytest.importorskip("vespo_ext._core")
-ISAS = ("avx512", "avx2", "generic")
+ISAS = ("avx512bf16", "avx512", "avx2", "generic")
 TESTS = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMP = 0.7
@@ -41,12 +44,21 @@ for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     out["conf_" + name] = vespo_ext.token_logprobs(logits, labels)
     del logits
 for name, batch in inp.items():
+    if name == "store":
+        continue
     x = batch["logits"].clone().requires_grad_(True)
     args = {k: v for k, v in batch.items() if k != "logits"}
     loss = vespo_ext.vespo_loss(x, temperature=%(temp)r, **args)
     loss.backward()
     logp, ent = vespo_ext.token_logprobs(batch["logits"], batch["labels"], temperature=%(temp)r, return_entropy=True)
     out[name] = dict(loss=loss.detach(), grad=x.grad, logp=logp, entropy=ent)
+# The bf16 store: g[t, v] = -dlogp[t] * p with p = 1 (logit 0 = row max, log s = 0) or 0 (-inf logit).
+vals, z = inp["store"]["vals"], inp["store"]["logits"]
+T, zeros = z.shape[0], torch.zeros(z.shape[0])
+g = torch.empty_like(z)
+_core.logprob_bwd(z, torch.full((T,), -100, dtype=torch.long), None, zeros, zeros, -vals, torch.ones(1), g,
+                  inv_temperature=1.0, row_max=zeros, log_sum=zeros)
+out["store"] = g
 torch.save(out, sys.argv[2])
 """ % {"temp": TEMP}
 
@@ -61,12 +73,38 @@ def _batch(dtype):
     return inp
 
 
+def _store_case():
+    """fp32 values for the bf16 store, one per row (V = 37: two 16-lane vectors and a scalar tail),
+    with 0 in random lanes: rounding ties, subnormals (the instruction flushes them to zero), values
+    that round up to the smallest normal or overflow to inf, NaNs of both signs and payloads (the
+    instruction keeps them), inf, and random bit patterns of every exponent."""
+    g = np.random.default_rng(5)
+    bits = [0x3F808000, 0x3F818000, 0x3F80C000, 0x3F804000, 0x007F8000, 0x007FFFFF, 0x00008000, 0x00018000,
+            0x00000001, 0x800AE398, 0x7F7F8000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000,
+            0xFFC12345, 0x7F800001, 0x00800000, 0x80800000]
+    bits += list(g.integers(1, 1 << 23, 300) | (g.integers(0, 2, 300) << 31))  # subnormals
+    bits += list((g.integers(0, 1 << 16, 300) << 16) | 0x8000)  # exact ties
+    bits += list(g.integers(0, 1 << 32, 1500))  # anything
+    vals = torch.from_numpy(np.array(bits, dtype=np.uint32).view(np.float32)).clone()
+    vals[vals == 0] = 1.0  # a zero dlogp row is written by memset, not by the store
+    z = torch.zeros(len(bits), 37)
+    z[torch.rand(z.shape, generator=torch.Generator().manual_seed(5)) < 0.25] = float("-inf")
+    return dict(vals=vals, logits=z.to(torch.bfloat16))
+
+
+def _bf16_rne(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits, round to nearest even on every finite value, NaN -> 0x7FC0."""
+    u = x.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), r)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{isa: the child's outputs} for every path this CPU runs."""
     d = tmp_path_factory.mktemp("isa")
     batches = {name: _batch(dt) for name, dt in DTYPES.items()}
-    torch.save(batches, d / "in.pt")
+    torch.save(dict(batches, store=_store_case()), d / "in.pt")
     best = _core.cpu_isa()
     out = {}
     for isa in ISAS[ISAS.index(best):]:
@@ -84,7 +122,15 @@ def test_the_best_path_is_the_default():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if " avx512f " in flags and " avx512bw " in flags and " avx512vl " in flags and " avx512dq " in flags:
         if sys.platform == "linux" and os.uname().machine == "x86_64" and "VESPO_CPU_ISA" not in os.environ:
-            assert _core.cpu_isa() == "avx512"
+            # avx512bf16 where the compiler took it (CMakeLists.txt's check): then the CPU flag decides
+            env = dict(os.environ, VESPO_CPU_ISA="avx512bf16")
+            r = subprocess.run([sys.executable, "-c", "from vespo_ext import _core; print(_core.cpu_isa())"],
+                               env=env, capture_output=True, text=True, timeout=120)
+            built = r.stdout.strip() == "avx512bf16"
+            if " avx512_bf16 " in flags and built:
+                assert _core.cpu_isa() == "avx512bf16"
+            else:
+                assert _core.cpu_isa() == "avx512"
 
 
 def test_a_bad_isa_name_is_a_clear_error():
@@ -92,7 +138,7 @@ def test_a_bad_isa_name_is_a_clear_error():
     code = "import torch, vespo_ext; vespo_ext.token_logprobs(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "VESPO_CPU_ISA must be avx512, avx2 or generic" in r.stderr and "avx1024" in r.stderr
+    assert "VESPO_CPU_ISA must be avx512bf16, avx512, avx2 or generic" in r.stderr and "avx1024" in r.stderr
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -136,3 +182,33 @@ def test_the_vector_paths_agree(runs):
         assert torch.allclose(a["logp"], b["logp"], rtol=4e-7, atol=1e-7), float((a["logp"] - b["logp"]).abs().max())
         assert torch.allclose(a["grad"].float(), b["grad"].float(), rtol=0,
                               atol=1e-6 if dtype == "fp32" else 1e-2 * float(a["grad"].float().abs().max()))
+
+
+def test_the_bf16_hardware_store_equals_avx512_bitwise(runs):
+    """avx512bf16 differs from avx512 only in how the bf16 gradient is stored: equal bit for bit."""
+    _, out = runs
+    if "avx512bf16" not in out:
+        pytest.skip("this CPU or build has no avx512bf16 path")
+    a, b = out["avx512bf16"], out["avx512"]
+    for dtype in DTYPES:
+        for k in ("loss", "grad", "logp", "entropy"):
+            bits = torch.int32 if a[dtype][k].dtype == torch.float32 else torch.int16
+            assert torch.equal(a[dtype][k].view(bits), b[dtype][k].view(bits)), (dtype, k)
+    for dtype in ("fp32", "bf16"):
+        assert torch.equal(a["conf_" + dtype], b["conf_" + dtype])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_bf16_store_rounds_every_value_to_nearest_even(runs, isa):
+    """Ties to even, subnormals rounded (not flushed), overflow to inf, one quiet NaN: on every path."""
+    batches, out = runs
+    if isa not in out:
+        pytest.skip(f"this CPU does not run the {isa} path")
+    case = _store_case()
+    p = np.where(np.isinf(case["logits"].float().numpy()), np.float32(0), np.float32(1))
+    with np.errstate(invalid="ignore"):
+        want = _bf16_rne((case["vals"].numpy()[:, None] * p).astype(np.float32))
+    got = out[isa]["store"].view(torch.int16).numpy().view(np.uint16)
+    bad = np.argwhere(got != want)
+    assert bad.size == 0, [(f"{case['vals'][i].view(torch.int32).item() & 0xFFFFFFFF:08x}", int(j), f"{got[i, j]:04x}",
+                            f"{want[i, j]:04x}") for i, j in bad[:10]]

@@ -83,18 +83,18 @@ def test_cpu_isa_line(monkeypatch):
     monkeypatch.delenv("VESPO_CPU_ISA", raising=False)
     line = _doctor._cpu_isa_line(core, ("avx512", "avx2", "generic"))
     assert line.startswith("CPU code paths avx512, avx2, generic; this CPU runs ")
-    assert line.split("runs ")[1] in ("avx512", "avx2", "generic")
+    assert line.split("runs ")[1] in ("avx512bf16", "avx512", "avx2", "generic")
     monkeypatch.setenv("VESPO_CPU_ISA", "generic")
     assert _doctor._cpu_isa_line(core, ("generic",)).endswith("runs generic (VESPO_CPU_ISA=generic)")
     monkeypatch.setenv("VESPO_CPU_ISA", "sse9")
-    assert "VESPO_CPU_ISA must be avx512, avx2 or generic" in _doctor._cpu_isa_line(core, ("generic",))
+    assert "VESPO_CPU_ISA must be avx512bf16, avx512, avx2 or generic" in _doctor._cpu_isa_line(core, ("generic",))
 
 
 def test_build_info_of_an_installed_build():
     """A pip-built install carries vespo_ext/_build_info.py (CMakeLists.txt writes it); a dev tree may not."""
     info = pytest.importorskip("vespo_ext._build_info", reason="not a pip-built install")
     assert info.version == vespo_ext.__version__
-    assert info.cpu_isas in (("avx512", "avx2", "generic"), ("generic",))
+    assert info.cpu_isas in (("avx512bf16", "avx512", "avx2", "generic"), ("avx512", "avx2", "generic"), ("generic",))
     if info.cuda_built:  # the release archs are checked by tools/build_wheels.sh; a local build may differ
         assert info.cuda_architectures and info.cuda_runtime == "Static"
         assert _doctor._cuda_archs(info.cuda_architectures).startswith(("SASS", "PTX"))

@@ -1,5 +1,5 @@
 // Small CPU building blocks: a deterministic parallel-for over std::thread, a vectorisable exp,
-// element loads/stores for fp32/bf16/fp16, and the per-instruction-set code paths (AVX-512, AVX2, baseline).
+// element loads/stores for fp32/bf16/fp16, and the per-instruction-set code paths (AVX-512 [+BF16], AVX2, baseline).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -16,6 +16,15 @@
 #else
 #define VESPO_X86_DISPATCH 0
 #endif
+// A fourth path, AVX-512 plus AVX512_BF16 (vcvtneps2bf16 for the bf16 gradient store), where
+// CMakeLists.txt found that the compiler and assembler take it (VESPO_HAVE_AVX512BF16=1).
+#if VESPO_X86_DISPATCH && defined(VESPO_HAVE_AVX512BF16) && VESPO_HAVE_AVX512BF16
+#define VESPO_X86_BF16 1
+#define VESPO_TARGET_AVX512BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#include <immintrin.h>
+#else
+#define VESPO_X86_BF16 0
+#endif
 // Small helpers are always inlined, so that they take the instruction set of the loop they are in.
 #define VESPO_INLINE __attribute__((always_inline)) inline
 
@@ -23,9 +32,10 @@ namespace vespo {
 namespace cpu {
 
 // The instruction set of the CPU kernels' hot loops: the best this CPU supports (checked once),
-// capped by the environment variable VESPO_CPU_ISA=avx512|avx2|generic (for tests and benchmarks of
-// the other code paths on one machine). An unknown value throws std::invalid_argument.
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+// capped by the environment variable VESPO_CPU_ISA=avx512bf16|avx512|avx2|generic (for tests and
+// benchmarks of the other code paths on one machine). An unknown value throws std::invalid_argument.
+// avx512bf16 is avx512 with the hardware fp32 -> bf16 conversion; its outputs equal avx512's bitwise.
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 Isa isa();
 const char* isa_name(Isa i);
 
@@ -127,7 +137,7 @@ static VESPO_INLINE F exp_reduced(F x, F t) {
 // Taylor polynomial on |r| <= ln2/2 (max rel. error 1.2e-7, odd in r: it averages out over a row),
 // times 2^n built in the exponent field (bits(t) = bits(magic) + n). x <= -127 ln 2 (incl. -inf)
 // gives exactly 0, NaN propagates; HI clamps x > 127 ln 2 (needed only where x can be positive).
-// Vec<N>::exp is the same, lane-wise.
+// Vec<N>::exp is the same, lane-wise (at 16 lanes with vscalefps for 2^n: exp_avx512 below).
 template <bool HI>
 static VESPO_INLINE float exp_1(float x) {
   x = x < kExpLo ? kExpLo : x;
@@ -162,6 +172,13 @@ VESPO_VEC_TYPES(16)
 #undef VESPO_VEC_TYPES
 #undef VESPO_VEC_HALF
 
+#if VESPO_X86_DISPATCH
+// Vec<16>::exp in AVX-512 form (defined below). Not always_inline: GCC refuses intrinsics in
+// untargeted always_inline templates; the AVX-512 row loops are `flatten`ed, which inlines it.
+template <bool HI>
+VESPO_TARGET_AVX512 inline VecTypes<16>::f exp_avx512(VecTypes<16>::f x);
+#endif
+
 template <int N>
 struct Vec {
   typedef typename VecTypes<N>::f f;
@@ -193,10 +210,31 @@ struct Vec {
   static VESPO_INLINE void store(f16_t* p, f v) { for (int k = 0; k < N; ++k) cpu::store(p, k, v[k]); }
 #endif
   static VESPO_INLINE f max(f a, f b) { return a > b ? a : b; }
+  // Two vectors from the 2N contiguous elements at p, for the forward's order-free uses (the max,
+  // the exp-sum): contiguous halves, except bf16 at 16 lanes, where the elements are interleaved
+  // with zeros in each 128-bit lane (vpunpcklwd/vpunpckhwd: the fp32 bits without a shift).
+  template <class T>
+  static VESPO_INLINE void load_pair(const T* p, f& a, f& b) { a = load(p); b = load(p + N); }
+  static VESPO_INLINE void load_pair(const bf16_t* p, f& a, f& b) {
+    if constexpr (N == 16) {
+      typedef uint16_t h32 __attribute__((vector_size(64)));
+      h32 x;
+      std::memcpy(&x, p, sizeof x);
+      const h32 z = {};
+      a = (f)__builtin_shufflevector(z, x, 0, 32, 1, 33, 2, 34, 3, 35, 8, 40, 9, 41, 10, 42, 11, 43, 16, 48, 17, 49, 18, 50, 19, 51, 24, 56, 25, 57, 26, 58, 27, 59);
+      b = (f)__builtin_shufflevector(z, x, 4, 36, 5, 37, 6, 38, 7, 39, 12, 44, 13, 45, 14, 46, 15, 47, 20, 52, 21, 53, 22, 54, 23, 55, 28, 60, 29, 61, 30, 62, 31, 63);
+    } else {
+      a = load(p);
+      b = load(p + N);
+    }
+  }
 
   // e^x lane-wise (see exp_1 above for the method and its error).
   template <bool HI>
   static VESPO_INLINE f exp(f x) {
+#if VESPO_X86_DISPATCH
+    if constexpr (N == 16) return exp_avx512<HI>(x);
+#endif
     x = x < kExpLo ? splat(kExpLo) : x;  // NaN < lo is false: NaN stays
     if (HI) x = x > kExpHi ? splat(kExpHi) : x;
     const f t = x * kLog2e + kExpMagic;
@@ -213,6 +251,37 @@ struct Vec {
     return m;
   }
 };
+
+#if VESPO_X86_DISPATCH
+// Vec<16>::exp by AVX-512 instructions: the range reduction and polynomial of exp_reduced,
+// then 2^n applied by vscalefps (exact, as the multiplication by the built 2^n bits is, but for a
+// subnormal product), zero-masked where n <= -127 (the lanes the generic form clamps to 0:
+// x <= -127 ln 2, -inf included); NaN compares unordered and propagates. No clamp, shift or add.
+template <bool HI>
+VESPO_TARGET_AVX512 inline VecTypes<16>::f exp_avx512(VecTypes<16>::f x) {
+  using f = VecTypes<16>::f;
+  if (HI) x = x > kExpHi ? f{} + kExpHi : x;
+  const f t = x * kLog2e + kExpMagic;
+  const f q = exp_reduced(x, t), n = t - kExpMagic;
+  const __mmask16 keep = _mm512_cmp_ps_mask((__m512)n, _mm512_set1_ps(-127.f), _CMP_NLE_UQ);
+  return (f)_mm512_maskz_scalef_ps(keep, (__m512)q, (__m512)n);
+}
+#endif
+
+#if VESPO_X86_BF16
+// Vec<16>::store(bf16_t*) by vcvtneps2bf16: the same round-to-nearest-even on normal numbers,
+// zeros and infinities, but the instruction flushes fp32 subnormals to a signed zero and keeps a
+// NaN's sign and payload, where the software store rounds subnormals and writes one quiet NaN.
+// Vectors holding either (vfpclassps: QNaN 0x01, subnormal 0x20, SNaN 0x80) take the software
+// store, so the result equals it bit for bit on every input. Not always_inline: GCC refuses that
+// into the (untargeted) templates; the flatten attribute of the avx512bf16 loop inlines it there.
+VESPO_TARGET_AVX512BF16 inline void store_bf16_hw(bf16_t* p, Vec<16>::f v) {
+  const __m512 x = (__m512)v;
+  if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0xA1) != 0, 0)) return Vec<16>::store(p, v);
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  std::memcpy(p, &h, sizeof h);
+}
+#endif
 
 }  // namespace cpu
 }  // namespace vespo

@@ -35,8 +35,9 @@ void note_bad_row(std::atomic<int64_t>* bad, int64_t row1) {
 // holds 1 rounds away every later term below half an ulp of 1 (6e-8), and a confident row's tail is
 // made of hundreds of such terms. MAXCHUNK=false is the common chunk that cannot hold a max element
 // (x < 0 for all its elements): no per-element test. While the chunk is summed from L1, the next
-// chunk `nxt` is prefetched, so the memory stream goes on during the arithmetic.
-template <class T, int N, bool ENT, bool MAXCHUNK>
+// chunk `nxt` is prefetched, so the memory stream goes on during the arithmetic. UNIT: it == 1
+// (temperature 1, the common case): the multiplication by it is skipped (x * 1 == x, bit for bit).
+template <class T, int N, bool ENT, bool MAXCHUNK, bool UNIT>
 VESPO_INLINE float chunk_sum(const T* zc, int64_t n, float mz, float it, const T* nxt, float* tail2,
                              int64_t* ones) {
   using W = Vec<N>;
@@ -50,7 +51,11 @@ VESPO_INLINE float chunk_sum(const T* zc, int64_t n, float mz, float it, const T
   const char* pf = reinterpret_cast<const char*>(nxt);
   for (int64_t v = 0; v < nv; v += kStep) {
     for (int64_t o = 0; o < kBytes; o += 64) __builtin_prefetch(pf + v * static_cast<int64_t>(sizeof(T)) + o, 0, 3);
-    const vf x0 = (W::load(zc + v) - vmz) * vit, x1 = (W::load(zc + v + N) - vmz) * vit;
+    vf x0, x1;
+    W::load_pair(zc + v, x0, x1);
+    x0 -= vmz;
+    x1 -= vmz;
+    if (!UNIT) { x0 *= vit; x1 *= vit; }
     vf a0 = W::template exp<false>(x0), a1 = W::template exp<false>(x1);
     if (MAXCHUNK) {
       const vi one0 = x0 == vzero, one1 = x1 == vzero;  // all-ones lanes where x == 0
@@ -76,8 +81,8 @@ VESPO_INLINE float chunk_sum(const T* zc, int64_t n, float mz, float it, const T
   return ts;
 }
 
-template <class T, int N>
-VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
+template <class T, int N, bool UNIT>
+VESPO_INLINE void fwd_rows_t(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
   using W = Vec<N>;
   using vf = typename W::f;
   const T* base = static_cast<const T*>(p.logits);
@@ -108,8 +113,10 @@ VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::
       const T* nxt = c0 + kChunk < V ? zc + kChunk : (t + 1 < r1 ? z + p.row_stride : zc);
       vf m0 = W::splat(-INFINITY), m1 = m0;
       for (int64_t v = 0; v < nv; v += 2 * N) {
-        m0 = W::max(m0, W::load(zc + v));
-        m1 = W::max(m1, W::load(zc + v + N));
+        vf a, b;
+        W::load_pair(zc + v, a, b);
+        m0 = W::max(m0, a);
+        m1 = W::max(m1, b);
       }
       float cm = W::hmax(W::max(m0, m1));
       for (int64_t v = nv; v < n; ++v) cm = load(zc, v) > cm ? load(zc, v) : cm;
@@ -125,11 +132,11 @@ VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::
       float ts2 = 0.f, ts;
       const bool maxchunk = cm == mz;
       if (want_entropy) {
-        ts = maxchunk ? chunk_sum<T, N, true, true>(zc, n, mz, it, nxt, &ts2, &ones)
-                      : chunk_sum<T, N, true, false>(zc, n, mz, it, nxt, &ts2, &ones);
+        ts = maxchunk ? chunk_sum<T, N, true, true, UNIT>(zc, n, mz, it, nxt, &ts2, &ones)
+                      : chunk_sum<T, N, true, false, UNIT>(zc, n, mz, it, nxt, &ts2, &ones);
       } else {
-        ts = maxchunk ? chunk_sum<T, N, false, true>(zc, n, mz, it, nxt, &ts2, &ones)
-                      : chunk_sum<T, N, false, false>(zc, n, mz, it, nxt, &ts2, &ones);
+        ts = maxchunk ? chunk_sum<T, N, false, true, UNIT>(zc, n, mz, it, nxt, &ts2, &ones)
+                      : chunk_sum<T, N, false, false, UNIT>(zc, n, mz, it, nxt, &ts2, &ones);
       }
       tail += ts;
       s2 += ts2;
@@ -152,9 +159,16 @@ VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::
   }
 }
 
+template <class T, int N>
+VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
+  if (p.inv_temperature == 1.f) fwd_rows_t<T, N, true>(p, r0, r1, bad);
+  else fwd_rows_t<T, N, false>(p, r0, r1, bad);
+}
+
 // Writes g[v] = -c * p_v for v in [b, e), p_v = exp((z_v - m) * it - ls), and returns sum of p_v over
 // the range. (z - m) first: exact for nearby values whatever the logits' offset.
-template <class T, int N>
+// HW: the bf16 vector store by the hardware conversion (store_bf16_hw; equal bit for bit).
+template <class T, int N, bool HW>
 VESPO_INLINE float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it, float m, float ls) {
   using W = Vec<N>;
   using vf = typename W::f;
@@ -164,7 +178,11 @@ VESPO_INLINE float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, fl
   for (; v + N <= e; v += N) {
     const vf pv = W::template exp<true>((W::load(z + v) - vm) * vit - vls);
     acc += pv;
-    W::store(g + v, vnc * pv);
+#if VESPO_X86_BF16
+    if constexpr (HW && N == 16 && std::is_same_v<T, bf16_t>) store_bf16_hw(g + v, vnc * pv);
+    else
+#endif
+      W::store(g + v, vnc * pv);
   }
   float sum = W::sum(acc);
   for (; v < e; ++v) {
@@ -175,7 +193,7 @@ VESPO_INLINE float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, fl
   return sum;
 }
 
-template <class T, int N>
+template <class T, int N, bool HW = false>
 VESPO_INLINE void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1) {
   const T* zbase = static_cast<const T*>(p.logits);
   T* gbase = static_cast<T*>(p.grad);
@@ -198,10 +216,10 @@ VESPO_INLINE void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1) {
     const int64_t y = p.labels[t];
     if (y != p.ignore_index && y >= 0 && y < V) {
       // The label's term c * (1 - p_y) as c * sum_{v != y} p_v: exact even when p_y rounds to 1.
-      const float rest = bwd_range<T, N>(z, g, 0, y, c, it, m, ls) + bwd_range<T, N>(z, g, y + 1, V, c, it, m, ls);
+      const float rest = bwd_range<T, N, HW>(z, g, 0, y, c, it, m, ls) + bwd_range<T, N, HW>(z, g, y + 1, V, c, it, m, ls);
       store(g, y, c * rest);
     } else {
-      bwd_range<T, N>(z, g, 0, V, c, it, m, ls);
+      bwd_range<T, N, HW>(z, g, 0, V, c, it, m, ls);
     }
   }
 }
@@ -217,15 +235,19 @@ VESPO_TARGET_AVX2 void fwd_rows_avx2(const LogprobParams& p, int64_t r0, int64_t
 template <class T>
 VESPO_TARGET_AVX2 void bwd_rows_avx2(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 8>(p, r0, r1); }
 template <class T>
-VESPO_TARGET_AVX512 void fwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 16>(p, r0, r1, bad); }
+VESPO_TARGET_AVX512 __attribute__((flatten)) void fwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 16>(p, r0, r1, bad); }
 template <class T>
-VESPO_TARGET_AVX512 void bwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 16>(p, r0, r1); }
+VESPO_TARGET_AVX512 __attribute__((flatten)) void bwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 16>(p, r0, r1); }
+#endif
+#if VESPO_X86_BF16
+// Only the bf16 backward differs from avx512 (its store); the forward stores no bf16.
+VESPO_TARGET_AVX512BF16 __attribute__((flatten)) void bwd_rows_avx512bf16(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<bf16_t, 16, true>(p, r0, r1); }
 #endif
 
 template <class T>
 void fwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) {
 #if VESPO_X86_DISPATCH
-  if (i == Isa::kAvx512) return fwd_rows_avx512<T>(p, r0, r1, bad);
+  if (i == Isa::kAvx512 || i == Isa::kAvx512Bf16) return fwd_rows_avx512<T>(p, r0, r1, bad);
   if (i == Isa::kAvx2) return fwd_rows_avx2<T>(p, r0, r1, bad);
 #endif
   (void)i;
@@ -233,8 +255,12 @@ void fwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1, std::at
 }
 template <class T>
 void bwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1) {
+#if VESPO_X86_BF16
+  if constexpr (std::is_same_v<T, bf16_t>)
+    if (i == Isa::kAvx512Bf16) return bwd_rows_avx512bf16(p, r0, r1);
+#endif
 #if VESPO_X86_DISPATCH
-  if (i == Isa::kAvx512) return bwd_rows_avx512<T>(p, r0, r1);
+  if (i == Isa::kAvx512 || i == Isa::kAvx512Bf16) return bwd_rows_avx512<T>(p, r0, r1);
   if (i == Isa::kAvx2) return bwd_rows_avx2<T>(p, r0, r1);
 #endif
   (void)i;
@@ -285,6 +311,9 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 Isa detect_isa() {
 #if VESPO_X86_DISPATCH
   __builtin_cpu_init();
+#if VESPO_X86_BF16
+  if (__builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
+#endif
   if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
   if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
 #endif
@@ -293,7 +322,9 @@ Isa detect_isa() {
 
 }  // namespace
 
-const char* isa_name(Isa i) { return i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "generic"; }
+const char* isa_name(Isa i) {
+  return i == Isa::kAvx512Bf16 ? "avx512bf16" : i == Isa::kAvx512 ? "avx512" : i == Isa::kAvx2 ? "avx2" : "generic";
+}
 
 Isa isa() {
   static const Isa best = detect_isa();
@@ -301,10 +332,11 @@ Isa isa() {
   if (env == nullptr || *env == 0) return best;
   const std::string want(env);
   Isa cap;
-  if (want == "avx512") cap = Isa::kAvx512;
+  if (want == "avx512bf16") cap = Isa::kAvx512Bf16;
+  else if (want == "avx512") cap = Isa::kAvx512;
   else if (want == "avx2") cap = Isa::kAvx2;
   else if (want == "generic") cap = Isa::kGeneric;
-  else throw std::invalid_argument("VESPO_CPU_ISA must be avx512, avx2 or generic (or unset), got '" + want + "'");
+  else throw std::invalid_argument("VESPO_CPU_ISA must be avx512bf16, avx512, avx2 or generic (or unset), got '" + want + "'");
   return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
 }
 
