@@ -220,6 +220,22 @@ __device__ __forceinline__ int row_head(const void* row, int V) {
   return head < V ? head : V;
 }
 
+// Zeros one gradient row of V elements (a masked row, or a zero upstream gradient): 16-byte streaming
+// stores with the same head / vector / tail split as the loads.
+template <typename T, int BLOCK>
+__device__ __forceinline__ void zero_row(T* g, int V) {
+  using E = Elem<T>;
+  constexpr int VEC = E::kVec;
+  const int tid = threadIdx.x;
+  const int head = row_head<T>(g, V);
+  const int nvec = (V - head) / VEC;
+  if (tid < head) E::store1(g + tid, 0.f);
+  uint4* vg = reinterpret_cast<uint4*>(g + head);
+  for (int i = tid; i < nvec; i += BLOCK) __stcs(vg + i, make_uint4(0u, 0u, 0u, 0u));
+  const int tail0 = head + nvec * VEC;
+  if (tail0 + tid < V) E::store1(g + tail0 + tid, 0.f);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Deterministic block all-reduce of N values per thread (result in every thread's v[]).
 // Shape is fixed by BLOCK: shfl-down tree inside each warp (lane 0 gets the warp's value), then

@@ -25,22 +25,9 @@ using detail::Elem;
 using detail::ex2;
 using detail::kLog2e;
 using detail::row_head;
+using detail::zero_row;
 
 constexpr int kUnroll = 2;  // 16-byte vectors in flight per thread per loop step (4 blocks per SM)
-
-template <typename T, int BLOCK>
-__device__ __forceinline__ void zero_row(T* g, int V) {
-  using E = Elem<T>;
-  constexpr int VEC = E::kVec;
-  const int tid = threadIdx.x;
-  const int head = row_head<T>(g, V);
-  const int nvec = (V - head) / VEC;
-  if (tid < head) E::store1(g + tid, 0.f);
-  uint4* vg = reinterpret_cast<uint4*>(g + head);
-  for (int i = tid; i < nvec; i += BLOCK) __stcs(vg + i, make_uint4(0u, 0u, 0u, 0u));
-  const int tail0 = head + nvec * VEC;
-  if (tail0 + tid < V) E::store1(g + tail0 + tid, 0.f);
-}
 
 // The row's constants: g_v = nc * p_v, p_v = 2^((z_v - m) * it * log2e - ls * log2e), the label's
 // entry lab (= -nc * q) at element yl (-1: none).

@@ -21,10 +21,10 @@ namespace {
 using detail::Elem;
 using detail::ex2;
 using detail::exp2_poly;
-using detail::kLn2;
 using detail::kLog2e;
 using detail::block_allreduce;
 using detail::row_head;
+using detail::zero_row;
 using detail::SumOp;
 using detail::SmState;
 using detail::Scale2;
@@ -44,12 +44,7 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
   const int64_t t = blockIdx.x;
   const int tid = threadIdx.x;
   if (!counted(p.mask, t)) {  // uniform over the block: nobody reaches a barrier
-    if (tid == 0) {
-      p.logp[t] = 0.f;
-      p.lse[t] = 0.f;
-      if (p.row_max != nullptr) p.row_max[t] = p.log_sum[t] = 0.f;
-      if (ENT) p.entropy[t] = 0.f;
-    }
+    if (tid == 0) detail::write_masked_row<ENT>(p, t);
     return;
   }
   const int V = static_cast<int>(p.V);
@@ -110,19 +105,7 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
 #pragma unroll
   for (int w = 1; w < NW; ++w) merge<ENT>(a, sh[w], c2);
 
-  // s = sum_v e^{(z_v - zmax)/tau} = n + s: lse = zmax / tau + ln(s), log p_y = (z_y - zmax) / tau - ln(s),
-  // H = ln(s) - ln2 * r / s (r is in base 2).
-  const float ln_s = detail::ln_sum(a);
-  const float inv_t = p.inv_temperature;
-  p.lse[t] = a.zmax * inv_t + ln_s;
-  if (p.row_max != nullptr) {
-    p.row_max[t] = a.zmax;
-    p.log_sum[t] = ln_s;
-  }
-  p.logp[t] = has_label ? detail::label_logp(zy, a, inv_t, ln_s) : 0.f;
-  if (ENT) p.entropy[t] = ln_s - kLn2 * a.r / (a.n + a.s);
-  if (bad_label && p.bad_label_row != nullptr)
-    atomicMax(reinterpret_cast<unsigned long long*>(p.bad_label_row), static_cast<unsigned long long>(t + 1));
+  detail::write_row<ENT>(p, t, a, zy, has_label, bad_label);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -131,20 +114,6 @@ __global__ void __launch_bounds__(BLOCK) logprob_fwd_kernel(const LogprobParams 
 // and the label's term comes from the saved logp (z_y is never re-read), so no thread can read an
 // element that was already overwritten.
 // ------------------------------------------------------------------------------------------------
-
-template <typename T, int BLOCK>
-__device__ __forceinline__ void zero_row(T* g, int V) {
-  using E = Elem<T>;
-  constexpr int VEC = E::kVec;
-  const int tid = threadIdx.x;
-  const int head = row_head<T>(g, V);
-  const int nvec = (V - head) / VEC;
-  if (tid < head) E::store1(g + tid, 0.f);
-  uint4* vg = reinterpret_cast<uint4*>(g + head);
-  for (int i = tid; i < nvec; i += BLOCK) __stcs(vg + i, make_uint4(0u, 0u, 0u, 0u));
-  const int tail0 = head + nvec * VEC;
-  if (tail0 + tid < V) E::store1(g + tail0 + tid, 0.f);
-}
 
 template <typename T, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) logprob_bwd_kernel(const LogprobParams p) {

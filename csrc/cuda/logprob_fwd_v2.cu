@@ -19,7 +19,6 @@ namespace cuda {
 namespace {
 
 using detail::Elem;
-using detail::kLn2;
 using detail::merge;
 using detail::row_head;
 using detail::Scale2;
@@ -80,12 +79,7 @@ __global__ void __launch_bounds__(BLOCK, 2048 / BLOCK) logprob_fwd_v2_kernel(con
   const int64_t y = p.labels[t];
 
   if (!cnt) {  // uniform over the block: nobody reaches a barrier
-    if (tid == 0) {
-      p.logp[t] = 0.f;
-      p.lse[t] = 0.f;
-      if (p.row_max != nullptr) p.row_max[t] = p.log_sum[t] = 0.f;
-      if (ENT) p.entropy[t] = 0.f;
-    }
+    if (tid == 0) detail::write_masked_row<ENT>(p, t);
     return;
   }
   const bool has_label = y != p.ignore_index && y >= 0 && y < V;
@@ -145,17 +139,7 @@ __global__ void __launch_bounds__(BLOCK, 2048 / BLOCK) logprob_fwd_v2_kernel(con
   for (int o = NW / 2; o > 0; o >>= 1) shfl_merge(a, o);
   if (lane != 0) return;
 
-  const float ln_s = detail::ln_sum(a);
-  const float inv_t = p.inv_temperature;
-  p.lse[t] = a.zmax * inv_t + ln_s;
-  if (p.row_max != nullptr) {
-    p.row_max[t] = a.zmax;
-    p.log_sum[t] = ln_s;
-  }
-  p.logp[t] = has_label ? detail::label_logp(zy, a, inv_t, ln_s) : 0.f;
-  if (ENT) p.entropy[t] = ln_s - kLn2 * a.r / (a.n + a.s);
-  if (y != p.ignore_index && !has_label && p.bad_label_row != nullptr)
-    atomicMax(reinterpret_cast<unsigned long long*>(p.bad_label_row), static_cast<unsigned long long>(t + 1));
+  detail::write_row<ENT>(p, t, a, zy, has_label, y != p.ignore_index && !has_label);
 }
 
 template <typename T, bool ENT, class X>

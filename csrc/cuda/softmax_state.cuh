@@ -182,6 +182,37 @@ VESPO_SM_HD float label_logp(float zy, const SmState& a, float inv_t, float ln_s
   return fminf((zy - a.zmax) * inv_t - ln_s, 0.f);
 }
 
+#if defined(__CUDACC__)
+// The forward's per-row outputs, written by one thread from the row's merged state:
+// s = sum_v e^{(z_v - zmax)/tau} = n + s, lse = zmax / tau + ln(s), log p_y = (z_y - zmax) / tau - ln(s),
+// H = ln(s) - ln2 * r / s (r is in base 2); a counted row whose label is outside [0, V) (and not
+// ignore_index) is reported through bad_label_row.
+template <bool ENT>
+__device__ __forceinline__ void write_row(const LogprobParams& p, int64_t t, const SmState& a, float zy,
+                                          bool has_label, bool bad_label) {
+  const float ln_s = ln_sum(a);
+  const float inv_t = p.inv_temperature;
+  p.lse[t] = a.zmax * inv_t + ln_s;
+  if (p.row_max != nullptr) {
+    p.row_max[t] = a.zmax;
+    p.log_sum[t] = ln_s;
+  }
+  p.logp[t] = has_label ? label_logp(zy, a, inv_t, ln_s) : 0.f;
+  if (ENT) p.entropy[t] = ln_s - kLn2 * a.r / (a.n + a.s);
+  if (bad_label && p.bad_label_row != nullptr)
+    atomicMax(reinterpret_cast<unsigned long long*>(p.bad_label_row), static_cast<unsigned long long>(t + 1));
+}
+
+// A masked row's outputs: all 0.
+template <bool ENT>
+__device__ __forceinline__ void write_masked_row(const LogprobParams& p, int64_t t) {
+  p.logp[t] = 0.f;
+  p.lse[t] = 0.f;
+  if (p.row_max != nullptr) p.row_max[t] = p.log_sum[t] = 0.f;
+  if (ENT) p.entropy[t] = 0.f;
+}
+#endif
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace vespo
