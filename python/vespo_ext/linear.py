@@ -58,6 +58,8 @@ _DW_SLICE_BYTES = 16 << 20  # CPU, low-precision weight: the weight-gradient tem
 _MIN_DW_SLICE = 64
 _MIXED_ADDMM = {"cuda": True}  # addmm with an fp32 out for bf16/fp16 inputs (aten::addmm.dtype_out); CPU has none
 _CPU_DW_MODE: dict = {}
+_AGG_TOKEN_MEAN, _AGG_SEQ_SUM, _AGG_SEQ_MEAN, _AGG_SUM_NORM = (AGG_IDS[a] for a in (
+    "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
 
 def _cpu_dw_mode(dtype: torch.dtype) -> str:
@@ -73,8 +75,6 @@ def _cpu_dw_mode(dtype: torch.dtype) -> str:
         flag = {torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype)
         mode = _CPU_DW_MODE[dtype] = "product" if flag and caps.get(flag, False) else "upcast"
     return mode
-_AGG_TOKEN_MEAN, _AGG_SEQ_SUM, _AGG_SEQ_MEAN, _AGG_SUM_NORM = (AGG_IDS[a] for a in (
-    "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
 
 
 def default_chunk_tokens(V: int, dtype: torch.dtype, device) -> int:
