@@ -224,6 +224,22 @@ def test_train_metrics_report_the_rollout_mismatch_kl_once():
     assert not [k for k in m if "mismatch" in k]
 
 
+def test_set_threads_in_the_driver_while_ray_runs(ray_cluster):
+    """A worker class built in the driver process while Ray runs (a test, a script like
+    benchmarks/gpu/trainer_gpu_check.py): Ray answers get_assigned_resources only inside a worker (it
+    asserts otherwise), so num_threads=0 falls back to 1 thread instead of raising."""
+    import torch
+
+    from vespo_trainer.runtime import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(0) == 1
+        assert set_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_sampled_pad_is_an_ordinary_response_token(tmp_path):
     """The built-in model can sample <pad> (id 0, not EOS: id 1): its config's pad_token_id makes the tied
     embedding row 0 start at zero (nn.Embedding padding_idx), so the pad logit starts at 0 like every logit

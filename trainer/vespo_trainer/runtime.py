@@ -86,8 +86,8 @@ def set_threads(requested: int) -> int:
 
             if ray.is_initialized():
                 n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
-        except (ImportError, RuntimeError):  # no Ray here, or not inside a task/actor
-            n = 0
+        except (ImportError, RuntimeError, AssertionError):  # no Ray here, or the driver (Ray asserts
+            n = 0                                           # that only a worker asks), not a task/actor
         n = max(1, n)
     torch.set_num_threads(n)
     return n
