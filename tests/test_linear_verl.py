@@ -189,6 +189,9 @@ def test_env_var_applies_fused_linear_at_import(value, via_verl, patched):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("VESPO_VERL_FUSED_LINEAR", "VERL_USE_EXTERNAL_MODULES")}
+    # An installed vespo registers a "verl.plugins" entry point, which `import verl` loads in every process
+    # (a third route, the default for wheel users): off here, so each case sees only the route it names.
+    env["VERL_USE_EXTERNAL_PLUGINS"] = "none"
     if value is not None:
         env["VESPO_VERL_FUSED_LINEAR"] = value
     if via_verl:
