@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -32,7 +33,7 @@ constexpr const char* kAllowed = "v1, v2, v2-mufu or v2-split";
 std::atomic<int> g_override{-1};
 
 int parse(const std::string& name, const char* what, const char* otherwise) {
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < static_cast<int>(std::size(kNames)); ++i)
     if (name == kNames[i]) return i;
   throw std::invalid_argument(std::string(what) + " must be " + kAllowed + otherwise + ", got '" + name + "'");
 }
