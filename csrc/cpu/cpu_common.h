@@ -13,6 +13,7 @@
 #define VESPO_X86_DISPATCH 1
 #define VESPO_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #define VESPO_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+#include <immintrin.h>
 #else
 #define VESPO_X86_DISPATCH 0
 #endif
@@ -21,7 +22,6 @@
 #if VESPO_X86_DISPATCH && defined(VESPO_HAVE_AVX512BF16) && VESPO_HAVE_AVX512BF16
 #define VESPO_X86_BF16 1
 #define VESPO_TARGET_AVX512BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
-#include <immintrin.h>
 #else
 #define VESPO_X86_BF16 0
 #endif
@@ -173,10 +173,12 @@ VESPO_VEC_TYPES(16)
 #undef VESPO_VEC_HALF
 
 #if VESPO_X86_DISPATCH
-// Vec<16>::exp in AVX-512 form (defined below). Not always_inline: GCC refuses intrinsics in
-// untargeted always_inline templates; the AVX-512 row loops are `flatten`ed, which inlines it.
+// Vec<16>::exp and Vec<16>::load(bf16) in AVX-512 form (defined below). Not always_inline: GCC
+// refuses intrinsics in untargeted always_inline templates; the AVX-512 row loops are `flatten`ed,
+// which inlines them.
 template <bool HI>
 VESPO_TARGET_AVX512 inline VecTypes<16>::f exp_avx512(VecTypes<16>::f x);
+VESPO_TARGET_AVX512 inline VecTypes<16>::f load_bf16_avx512(const bf16_t* p);
 #endif
 
 template <int N>
@@ -189,6 +191,9 @@ struct Vec {
   static VESPO_INLINE f splat(float x) { return f{} + x; }
   static VESPO_INLINE f load(const float* p) { f r; std::memcpy(&r, p, sizeof r); return r; }
   static VESPO_INLINE f load(const bf16_t* p) {
+#if VESPO_X86_DISPATCH
+    if constexpr (N == 16) return load_bf16_avx512(p);  // GCC lowers the generic form by halves: 6 instructions
+#endif
     h x;
     std::memcpy(&x, p, sizeof x);
     return (f)(__builtin_convertvector(x, u) << 16);
@@ -260,11 +265,21 @@ struct Vec {
 template <bool HI>
 VESPO_TARGET_AVX512 inline VecTypes<16>::f exp_avx512(VecTypes<16>::f x) {
   using f = VecTypes<16>::f;
-  if (HI) x = x > kExpHi ? f{} + kExpHi : x;
+  // vminps(hi, x) returns its second operand x when either is NaN: the clamp x > hi ? hi : x in one
+  // instruction (GCC does not form it from the ternary). The full-mask maskz form, since GCC 12's
+  // _mm512_min_ps warns (-Wmaybe-uninitialized, a false positive on its _mm512_undefined_ps).
+  if (HI) x = (f)_mm512_maskz_min_ps((__mmask16)0xFFFF, _mm512_set1_ps(kExpHi), (__m512)x);
   const f t = x * kLog2e + kExpMagic;
   const f q = exp_reduced(x, t), n = t - kExpMagic;
   const __mmask16 keep = _mm512_cmp_ps_mask((__m512)n, _mm512_set1_ps(-127.f), _CMP_NLE_UQ);
   return (f)_mm512_maskz_scalef_ps(keep, (__m512)q, (__m512)n);
+}
+
+// 16 bf16 -> fp32: vpmovzxwd + vpslld (the generic vector-extension form compiles to 6 instructions).
+// The full-mask maskz form, as in exp_avx512.
+VESPO_TARGET_AVX512 inline VecTypes<16>::f load_bf16_avx512(const bf16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (VecTypes<16>::f)((VecTypes<16>::u)_mm512_maskz_cvtepu16_epi32((__mmask16)0xFFFF, h) << 16);
 }
 #endif
 
@@ -279,6 +294,16 @@ VESPO_TARGET_AVX512BF16 inline void store_bf16_hw(bf16_t* p, Vec<16>::f v) {
   const __m512 x = (__m512)v;
   if (__builtin_expect(_mm512_fpclass_ps_mask(x, 0xA1) != 0, 0)) return Vec<16>::store(p, v);
   const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+  std::memcpy(p, &h, sizeof h);
+}
+// Two vectors (32 contiguous elements, a first) by one vcvtne2ps2bf16 and one check for both.
+VESPO_TARGET_AVX512BF16 inline void store2_bf16_hw(bf16_t* p, Vec<16>::f a, Vec<16>::f b) {
+  const __m512 xa = (__m512)a, xb = (__m512)b;
+  if (__builtin_expect((_mm512_fpclass_ps_mask(xa, 0xA1) | _mm512_fpclass_ps_mask(xb, 0xA1)) != 0, 0)) {
+    Vec<16>::store(p, a);
+    return Vec<16>::store(p + 16, b);
+  }
+  const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(xb, xa);  // low 16 words from xa, high 16 from xb
   std::memcpy(p, &h, sizeof h);
 }
 #endif
