@@ -130,7 +130,7 @@ $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.versi
 # ---- wheels: only those the image lacks (or has older); pure Python but pydantic-core (cp312) ----------
 if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
   mapfile -t WHEELS < <($PY benchmarks/gpu/install_wheels.py benchmarks/wheels 2> >(tee -a "$LOG" >&2))
-  if [ ${#WHEELS[@]} -gt 0 ] && [ -z "$DRY" ]; then
+  if [ ${#WHEELS[@]} -gt 0 ] && { [ -z "$DRY" ] || [ "$DRY" = cpu ]; }; then  # the CPU rehearsal imports them too
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/vespo_site "${WHEELS[@]}" \
       2>&1 | tee -a "$LOG"
   fi
