@@ -44,7 +44,7 @@ for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     out["conf_" + name] = vespo_ext.token_logprobs(logits, labels)
     del logits
 for name, batch in inp.items():
-    if name == "store":
+    if name == "store" or name.startswith("aligned_"):
         continue
     x = batch["logits"].clone().requires_grad_(True)
     args = {k: v for k, v in batch.items() if k != "logits"}
@@ -52,6 +52,19 @@ for name, batch in inp.items():
     loss.backward()
     logp, ent = vespo_ext.token_logprobs(batch["logits"], batch["labels"], temperature=%(temp)r, return_entropy=True)
     out[name] = dict(loss=loss.detach(), grad=x.grad, logp=logp, entropy=ent)
+# The streamed fp32 gradient stores (VESPO_CPU_STREAM_MIN_BYTES=0: always; 2^62: never) write the same
+# bits as the plain ones: on rows aligned to the vector size (V = 2048) and on an odd V, whose rows are
+# aligned one in 16 (the others take plain stores).
+import os
+for name in ("aligned_fp32", "aligned_bf16", "fp32"):
+    batch = inp[name]
+    args = {k: v for k, v in batch.items() if k != "logits"}
+    for nt in ("0", str(1 << 62)):
+        os.environ["VESPO_CPU_STREAM_MIN_BYTES"] = nt
+        x = batch["logits"].clone().requires_grad_(True)
+        vespo_ext.vespo_loss(x, temperature=%(temp)r, **args).backward()
+        out.setdefault("stream_" + name, []).append(x.grad)
+    del os.environ["VESPO_CPU_STREAM_MIN_BYTES"]
 # The bf16 store: g[t, v] = -dlogp[t] * p with p = 1 (logit 0 = row max, log s = 0) or 0 (-inf logit).
 vals, z = inp["store"]["vals"], inp["store"]["logits"]
 T, zeros = z.shape[0], torch.zeros(z.shape[0])
@@ -70,6 +83,18 @@ def _batch(dtype):
     z[3, torch.randperm(1003)[:200]] = float("-inf")  # -inf logits inside a counted row
     z[40, inp["labels"][40]] += 30.0  # a near-certain label
     inp["logits"] = z.to(dtype)
+    return inp
+
+
+def _aligned_batch(dtype):
+    """V = 2048: every row of a fresh gradient starts on a 64-byte boundary. Labels in the first, a
+    middle and the last vector (lanes 0, 15, 16, 2047, ...), ignored and masked rows."""
+    torch.manual_seed(12)
+    inp = make_packed([5, 16, 3, 9], V=2048, dtype=torch.float32, temperature=TEMP)
+    inp["labels"][:8] = torch.tensor([0, 15, 16, 17, 1023, 2032, 2046, 2047])
+    inp["labels"][8] = -100
+    inp["mask"][8] = False
+    inp["logits"] = inp["logits"].to(dtype)
     return inp
 
 
@@ -104,7 +129,8 @@ def runs(tmp_path_factory):
     """{isa: the child's outputs} for every path this CPU runs."""
     d = tmp_path_factory.mktemp("isa")
     batches = {name: _batch(dt) for name, dt in DTYPES.items()}
-    torch.save(dict(batches, store=_store_case()), d / "in.pt")
+    aligned = {"aligned_fp32": _aligned_batch(torch.float32), "aligned_bf16": _aligned_batch(torch.bfloat16)}
+    torch.save(dict(batches, store=_store_case(), **aligned), d / "in.pt")
     best = _core.cpu_isa()
     out = {}
     for isa in ISAS[ISAS.index(best):]:
@@ -212,3 +238,27 @@ def test_the_bf16_store_rounds_every_value_to_nearest_even(runs, isa):
     bad = np.argwhere(got != want)
     assert bad.size == 0, [(f"{case['vals'][i].view(torch.int32).item() & 0xFFFFFFFF:08x}", int(j), f"{got[i, j]:04x}",
                             f"{want[i, j]:04x}") for i, j in bad[:10]]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_streamed_gradient_stores_write_the_same_bits(runs, isa):
+    """The fp32 backward streams a large fresh gradient to memory (non-temporal stores, rows aligned to
+    the vector size); the bits must not depend on it, nor on which rows were aligned."""
+    batches, out = runs
+    if isa not in out:
+        pytest.skip(f"this CPU does not run the {isa} path")
+    for name in ("aligned_fp32", "aligned_bf16", "fp32"):
+        streamed, plain = out[isa]["stream_" + name]
+        bits = torch.int32 if streamed.dtype == torch.float32 else torch.int16
+        assert torch.equal(streamed.view(bits), plain.view(bits)), (isa, name)
+    assert torch.equal(out[isa]["stream_fp32"][1], out[isa]["fp32"]["grad"])
+
+
+def test_the_stream_threshold_variable_is_checked():
+    env = dict(os.environ, VESPO_CPU_STREAM_MIN_BYTES="64MB")
+    code = ("import torch, vespo_ext; x = torch.zeros(2, 5, requires_grad=True); "
+            "vespo_ext.vespo_loss(x, torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.ones(1), "
+            "cu_seqlens=torch.tensor([0, 2])).backward()")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "VESPO_CPU_STREAM_MIN_BYTES must be a byte count" in r.stderr and "64MB" in r.stderr

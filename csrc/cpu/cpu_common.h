@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -282,6 +283,25 @@ VESPO_TARGET_AVX512 inline VecTypes<16>::f load_bf16_avx512(const bf16_t* p) {
   return (VecTypes<16>::f)((VecTypes<16>::u)_mm512_maskz_cvtepu16_epi32((__mmask16)0xFFFF, h) << 16);
 }
 #endif
+
+#if VESPO_X86_DISPATCH
+// Non-temporal (streaming) fp32 vector stores, p aligned to the vector's size: a large output that
+// will not be read again soon goes to memory without first reading each line in (the read-for-
+// ownership that doubles a plain store's traffic). Called from `flatten`ed loops, as exp_avx512.
+VESPO_TARGET_AVX512 inline void stream_avx512(float* p, VecTypes<16>::f v) { _mm512_stream_ps(p, (__m512)v); }
+VESPO_TARGET_AVX2 inline void stream_avx2(float* p, VecTypes<8>::f v) { _mm256_stream_ps(p, (__m256)v); }
+#endif
+// Streaming stores are implemented for fp32 vectors of 8 and 16 lanes on x86 (elsewhere: none).
+template <class T, int N>
+constexpr bool kCanStream = VESPO_X86_DISPATCH && std::is_same_v<T, float> && (N == 8 || N == 16);
+template <int N>
+VESPO_INLINE void stream(float* p, typename VecTypes<N>::f v) {
+#if VESPO_X86_DISPATCH
+  if constexpr (N == 16) return stream_avx512(p, v);
+  if constexpr (N == 8) return stream_avx2(p, v);
+#endif
+  std::memcpy(p, &v, sizeof v);
+}
 
 #if VESPO_X86_BF16
 // Vec<16>::store(bf16_t*) by vcvtneps2bf16: the same round-to-nearest-even on normal numbers,

@@ -13,6 +13,7 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 namespace vespo {
@@ -165,58 +166,98 @@ VESPO_INLINE void fwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, std::
   else fwd_rows_t<T, N, false>(p, r0, r1, bad);
 }
 
-// Writes g[v] = -c * p_v for v in [b, e), p_v = exp((z_v - m) * it - ls), and returns sum of p_v over
-// the range. (z - m) first: exact for nearby values whatever the logits' offset. Two vectors per
-// iteration, summed in element order (the same sum as one vector at a time).
-// HW: the bf16 vector store by the hardware conversion (store2_bf16_hw / store_bf16_hw; equal bit for bit).
-template <class T, int N, bool HW>
-VESPO_INLINE float bwd_range(const T* z, T* g, int64_t b, int64_t e, float c, float it, float m, float ls) {
+// One gradient row: g[v] = -c * p_v with p_v = exp((z_v - m) * it - ls), and the label's element
+// c * (1 - p_y) written as c * sum_{v != y} p_v (exact even where p_y rounds to 1). (z - m) first:
+// exact for nearby values whatever the logits' offset. The row is cut into vectors at multiples of
+// N (whatever the row's alignment: the sum's order depends only on V and y), two per iteration,
+// summed in element order into one vector accumulator; the vector holding y leaves y's lane out
+// of the sum, and the V % N last elements are summed one by one. g may alias z (in-place gradient):
+// each vector is read before it is written, and g[y] is written last.
+// HW: the bf16 vector stores by the hardware conversion (store2_bf16_hw / store_bf16_hw; equal bit for
+// bit). NT: the fp32 vector stores stream to memory (g aligned to the vector size; see logprob_bwd).
+template <class T, int N, bool HW, bool NT>
+struct BwdRow {
   using W = Vec<N>;
   using vf = typename W::f;
-  const vf vit = W::splat(it), vm = W::splat(m), vls = W::splat(ls), vnc = W::splat(-c);
-  vf acc = W::splat(0.f);
-  int64_t v = b;
-  for (; v + 2 * N <= e; v += 2 * N) {
-    const vf p0 = W::template exp<true>((W::load(z + v) - vm) * vit - vls);
-    const vf p1 = W::template exp<true>((W::load(z + v + N) - vm) * vit - vls);
-    acc += p0;
-    acc += p1;
+  const T* z;
+  T* g;
+  vf vit, vm, vls, vnc, acc;
+
+  VESPO_INLINE vf prob(int64_t v) const { return W::template exp<true>((W::load(z + v) - vm) * vit - vls); }
+  VESPO_INLINE void put(int64_t v, vf x) {
 #if VESPO_X86_BF16
-    if constexpr (HW && N == 16 && std::is_same_v<T, bf16_t>) store2_bf16_hw(g + v, vnc * p0, vnc * p1);
-    else
+    if constexpr (HW && N == 16 && std::is_same_v<T, bf16_t>) return store_bf16_hw(g + v, x);
 #endif
-    {
-      W::store(g + v, vnc * p0);
-      W::store(g + v + N, vnc * p1);
+    if constexpr (NT) stream<N>(g + v, x);
+    else W::store(g + v, x);
+  }
+  VESPO_INLINE void put2(int64_t v, vf a, vf b) {
+#if VESPO_X86_BF16
+    if constexpr (HW && N == 16 && std::is_same_v<T, bf16_t>) return store2_bf16_hw(g + v, a, b);
+#endif
+    put(v, a);
+    put(v + N, b);
+  }
+  // The elements [v, e) (both multiples of N) of a range without the label.
+  VESPO_INLINE void vectors(int64_t v, int64_t e) {
+    for (; v + 2 * N <= e; v += 2 * N) {
+      const vf p0 = prob(v), p1 = prob(v + N);
+      acc += p0;
+      acc += p1;
+      put2(v, vnc * p0, vnc * p1);
+    }
+    if (v < e) {
+      const vf pv = prob(v);
+      acc += pv;
+      put(v, vnc * pv);
     }
   }
-  if (v + N <= e) {
-    const vf pv = W::template exp<true>((W::load(z + v) - vm) * vit - vls);
-    acc += pv;
-#if VESPO_X86_BF16
-    if constexpr (HW && N == 16 && std::is_same_v<T, bf16_t>) store_bf16_hw(g + v, vnc * pv);
-    else
-#endif
-      W::store(g + v, vnc * pv);
-    v += N;
+  // The vector [v, v + N) holding the label at lane k: its stores are plain ones (see below).
+  VESPO_INLINE void label_vector(int64_t v, int64_t k) {
+    typename W::i lane{}, keep;
+    for (int j = 0; j < N; ++j) lane[j] = j;
+    keep = lane != (typename W::i{} + static_cast<int32_t>(k));
+    const vf pv = prob(v);
+    acc += (vf)((typename W::i)pv & keep);
+    W::store(g + v, vnc * pv);
   }
-  float sum = W::sum(acc);
-  for (; v < e; ++v) {
+};
+
+template <class T, int N, bool HW, bool NT>
+VESPO_INLINE void bwd_row(const T* z, T* g, int64_t V, int64_t y, float c, float it, float m, float ls) {
+  using W = Vec<N>;
+  BwdRow<T, N, HW, NT> r{z, g, W::splat(it), W::splat(m), W::splat(ls), W::splat(-c), W::splat(0.f)};
+  const int64_t nv = V - V % N;  // elements in whole vectors
+  if (y >= 0 && y < nv) {
+    const int64_t vy = y - y % N;
+    r.vectors(0, vy);
+    // A plain store for the label's line, which g[y] = c * rest below writes again; with N < 16
+    // (a vector smaller than a line) the line is shared with a streamed neighbour: correct either way.
+    r.label_vector(vy, y - vy);
+    r.vectors(vy + N, nv);
+  } else {
+    r.vectors(0, nv);
+  }
+  float sum = W::sum(r.acc);
+  for (int64_t v = nv; v < V; ++v) {
     const float pv = exp_1<true>((load(z, v) - m) * it - ls);
-    sum += pv;
+    if (v != y) sum += pv;
     store(g, v, -c * pv);
   }
-  return sum;
+  if (y >= 0) store(g, y, c * sum);
 }
 
+// The rows [r0, r1). `nt`: stream the fp32 stores of the rows whose gradient is aligned to the
+// vector size (kCanStream: fp32 at 8 or 16 lanes); the values written do not depend on it.
 template <class T, int N, bool HW = false>
-VESPO_INLINE void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1) {
+VESPO_INLINE void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1, bool nt) {
   const T* zbase = static_cast<const T*>(p.logits);
   T* gbase = static_cast<T*>(p.grad);
   const int64_t V = p.V;
   const float it = p.inv_temperature;
   const float scale = p.grad_scale ? *p.grad_scale : 1.f;
   const bool split = p.row_max != nullptr;  // (row_max, log_sum) given, else lse alone
+  bool streamed = false;
   for (int64_t t = r0; t < r1; ++t) {
     T* g = gbase + t * p.grad_row_stride;
     const float d = counted(p.mask, t) ? p.dlogp[t] : 0.f;
@@ -224,40 +265,45 @@ VESPO_INLINE void bwd_rows(const LogprobParams& p, int64_t r0, int64_t r1) {
       std::memset(static_cast<void*>(g), 0, sizeof(T) * static_cast<size_t>(V));
       continue;
     }
-    // g may alias z (in-place gradient): every element is read before it is written, and the
-    // label's own logit is never read (its term is the sum of the other probabilities).
     const T* z = zbase + t * p.row_stride;
     const float c = d * scale * it;
     const float m = split ? p.row_max[t] : 0.f, ls = split ? p.log_sum[t] : p.lse[t];
-    const int64_t y = p.labels[t];
-    if (y != p.ignore_index && y >= 0 && y < V) {
-      // The label's term c * (1 - p_y) as c * sum_{v != y} p_v: exact even when p_y rounds to 1.
-      const float rest = bwd_range<T, N, HW>(z, g, 0, y, c, it, m, ls) + bwd_range<T, N, HW>(z, g, y + 1, V, c, it, m, ls);
-      store(g, y, c * rest);
-    } else {
-      bwd_range<T, N, HW>(z, g, 0, V, c, it, m, ls);
+    const int64_t yl = p.labels[t];
+    const int64_t y = yl != p.ignore_index && yl >= 0 && yl < V ? yl : -1;  // -1: no label term
+    if constexpr (kCanStream<T, N>) {
+      if (nt && reinterpret_cast<uintptr_t>(g) % (sizeof(float) * N) == 0) {
+        bwd_row<T, N, HW, true>(z, g, V, y, c, it, m, ls);
+        streamed = true;
+        continue;
+      }
     }
+    bwd_row<T, N, HW, false>(z, g, V, y, c, it, m, ls);
   }
+#if VESPO_X86_DISPATCH
+  if (streamed) _mm_sfence();  // the streamed stores are weakly ordered: complete them before the join
+#else
+  (void)streamed;
+#endif
 }
 
 // The row loops, compiled once per instruction set.
 template <class T>
 void fwd_rows_generic(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 4>(p, r0, r1, bad); }
 template <class T>
-void bwd_rows_generic(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 4>(p, r0, r1); }
+void bwd_rows_generic(const LogprobParams& p, int64_t r0, int64_t r1, bool nt) { bwd_rows<T, 4>(p, r0, r1, nt); }
 #if VESPO_X86_DISPATCH
 template <class T>
 VESPO_TARGET_AVX2 void fwd_rows_avx2(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 8>(p, r0, r1, bad); }
 template <class T>
-VESPO_TARGET_AVX2 void bwd_rows_avx2(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 8>(p, r0, r1); }
+VESPO_TARGET_AVX2 __attribute__((flatten)) void bwd_rows_avx2(const LogprobParams& p, int64_t r0, int64_t r1, bool nt) { bwd_rows<T, 8>(p, r0, r1, nt); }
 template <class T>
 VESPO_TARGET_AVX512 __attribute__((flatten)) void fwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1, std::atomic<int64_t>* bad) { fwd_rows<T, 16>(p, r0, r1, bad); }
 template <class T>
-VESPO_TARGET_AVX512 __attribute__((flatten)) void bwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<T, 16>(p, r0, r1); }
+VESPO_TARGET_AVX512 __attribute__((flatten)) void bwd_rows_avx512(const LogprobParams& p, int64_t r0, int64_t r1, bool nt) { bwd_rows<T, 16>(p, r0, r1, nt); }
 #endif
 #if VESPO_X86_BF16
 // Only the bf16 backward differs from avx512 (its store); the forward stores no bf16.
-VESPO_TARGET_AVX512BF16 __attribute__((flatten)) void bwd_rows_avx512bf16(const LogprobParams& p, int64_t r0, int64_t r1) { bwd_rows<bf16_t, 16, true>(p, r0, r1); }
+VESPO_TARGET_AVX512BF16 __attribute__((flatten)) void bwd_rows_avx512bf16(const LogprobParams& p, int64_t r0, int64_t r1, bool nt) { bwd_rows<bf16_t, 16, true>(p, r0, r1, nt); }
 #endif
 
 template <class T>
@@ -270,17 +316,17 @@ void fwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1, std::at
   fwd_rows_generic<T>(p, r0, r1, bad);
 }
 template <class T>
-void bwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1) {
+void bwd_rows_isa(Isa i, const LogprobParams& p, int64_t r0, int64_t r1, bool nt) {
 #if VESPO_X86_BF16
   if constexpr (std::is_same_v<T, bf16_t>)
-    if (i == Isa::kAvx512Bf16) return bwd_rows_avx512bf16(p, r0, r1);
+    if (i == Isa::kAvx512Bf16) return bwd_rows_avx512bf16(p, r0, r1, nt);
 #endif
 #if VESPO_X86_DISPATCH
-  if (i == Isa::kAvx512 || i == Isa::kAvx512Bf16) return bwd_rows_avx512<T>(p, r0, r1);
-  if (i == Isa::kAvx2) return bwd_rows_avx2<T>(p, r0, r1);
+  if (i == Isa::kAvx512 || i == Isa::kAvx512Bf16) return bwd_rows_avx512<T>(p, r0, r1, nt);
+  if (i == Isa::kAvx2) return bwd_rows_avx2<T>(p, r0, r1, nt);
 #endif
   (void)i;
-  bwd_rows_generic<T>(p, r0, r1);
+  bwd_rows_generic<T>(p, r0, r1, nt);
 }
 
 void check_common(const LogprobParams& p, const char* fn) {
@@ -322,6 +368,28 @@ void advise_huge_pages(void* ptr, size_t bytes) {
 #else
   (void)ptr; (void)bytes;
 #endif
+}
+
+// The size from which the backward streams its fp32 gradient to memory (a fresh buffer, not the
+// in-place one): the last-level cache (sysconf), at least 32 MiB. A smaller gradient, such as a
+// fused-linear chunk that the weight-gradient GEMM reads next, stays in the cache instead.
+// VESPO_CPU_STREAM_MIN_BYTES=<n> sets it (0: always), for tests and benchmarks of both store paths.
+size_t stream_min_bytes() {
+  static const size_t fallback = [] {
+    long l3 = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    const size_t floor = size_t(32) << 20;
+    return l3 > 0 && static_cast<size_t>(l3) > floor ? static_cast<size_t>(l3) : floor;
+  }();
+  const char* env = std::getenv("VESPO_CPU_STREAM_MIN_BYTES");
+  if (env == nullptr || *env == 0) return fallback;
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(env, &end, 10);
+  if (*end != 0 || *env == '-')
+    throw std::invalid_argument(std::string("VESPO_CPU_STREAM_MIN_BYTES must be a byte count >= 0 (or unset), got '") + env + "'");
+  return static_cast<size_t>(n);
 }
 
 Isa detect_isa() {
@@ -380,9 +448,11 @@ void logprob_bwd(const LogprobParams& p) {
   if (p.grad != p.logits)
     advise_huge_pages(p.grad, static_cast<size_t>((p.T - 1) * p.grad_row_stride + p.V) * elem);
   const Isa i = isa();
+  const size_t bytes = static_cast<size_t>(p.T) * static_cast<size_t>(p.V) * elem;
+  const bool nt = p.grad != p.logits && bytes >= stream_min_bytes();
   dispatch(p.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    parallel_for(p.T, p.num_threads, row_grain(p.V), [&](int64_t b, int64_t e) { bwd_rows_isa<T>(i, p, b, e); });
+    parallel_for(p.T, p.num_threads, row_grain(p.V), [&](int64_t b, int64_t e) { bwd_rows_isa<T>(i, p, b, e, nt); });
   });
 }
 
