@@ -8,7 +8,8 @@ per-token error <= 1e-8, as tests/test_confident_rows.py for the default path), 
 gradient, log-probs and entropy on an odd-V batch (every loop tail length), in every dtype, with
 temperature, -inf logits, a near-certain label and masked tokens. avx512bf16 (avx512 with the
 bf16 gradient stored by vcvtneps2bf16) must equal avx512 bit for bit, and every path's bf16 store
-must round as the software round-to-nearest-even does on ties, subnormals, overflow and NaN.
+must round as the software round-to-nearest-even does on ties, subnormals, overflow and NaN. The
+fp32 backward's streamed (non-temporal) stores must write the same bits as plain ones.
 """
 from __future__ import annotations
 
