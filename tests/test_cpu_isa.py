@@ -55,7 +55,7 @@ for name, batch in inp.items():
     out[name] = dict(loss=loss.detach(), grad=x.grad, logp=logp, entropy=ent)
 # The streamed fp32 gradient stores (VESPO_CPU_STREAM_MIN_BYTES=0: always; 2^62: never) write the same
 # bits as the plain ones: on rows aligned to the vector size (V = 2048) and on an odd V, whose rows are
-# aligned one in 16 (the others take plain stores).
+# aligned one in 16 (one in 8 at 8 lanes; the others take plain stores).
 import os
 for name in ("aligned_fp32", "aligned_bf16", "fp32"):
     batch = inp[name]

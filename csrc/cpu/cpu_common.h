@@ -306,16 +306,17 @@ VESPO_TARGET_AVX512 inline VecTypes<16>::f load_bf16_avx512(const bf16_t* p) {
 VESPO_TARGET_AVX512 inline void stream_avx512(float* p, VecTypes<16>::f v) { _mm512_stream_ps(p, (__m512)v); }
 VESPO_TARGET_AVX2 inline void stream_avx2(float* p, VecTypes<8>::f v) { _mm256_stream_ps(p, (__m256)v); }
 #endif
-// Streaming stores are implemented for fp32 vectors of 8 and 16 lanes on x86 (elsewhere: none).
+// Streaming stores are implemented for fp32 vectors of 8 and 16 lanes on x86 (elsewhere: none);
+// stream<N> is only instantiated where kCanStream holds.
 template <class T, int N>
 constexpr bool kCanStream = VESPO_X86_DISPATCH && std::is_same_v<T, float> && (N == 8 || N == 16);
 template <int N>
 VESPO_INLINE void stream(float* p, typename VecTypes<N>::f v) {
+  static_assert(kCanStream<float, N>, "streaming stores exist for fp32 at 8 or 16 lanes on x86 only");
 #if VESPO_X86_DISPATCH
-  if constexpr (N == 16) return stream_avx512(p, v);
-  if constexpr (N == 8) return stream_avx2(p, v);
+  if constexpr (N == 16) stream_avx512(p, v);
+  else stream_avx2(p, v);
 #endif
-  std::memcpy(p, &v, sizeof v);
 }
 
 #if VESPO_X86_BF16
