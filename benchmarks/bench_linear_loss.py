@@ -3,6 +3,7 @@ Benchmark the fused linear head + VESPO loss (vespo_ext.linear_policy_loss) side
 same inputs, same thread count:
 
   fused-linear      vespo_ext.linear_policy_loss(hidden, weight, ...): token chunks, no T x V tensor
+  fused-linear@N    the same with chunk_tokens=N (any number of them, e.g. a sweep of chunk sizes in one run)
   matmul+op         logits = hidden @ weight.T, then vespo_ext.vespo_loss(logits, ...) (gradient into a
                     new (T, V) buffer, the op's default)
   matmul+op-inplace the same with grad_inplace=True (the gradient overwrites the logits)
@@ -156,8 +157,12 @@ def build_variants(x):
     lab, old, adv, mask, cu = x["labels"], x["old"], x["adv"], x["mask"], x["cu"]
     out = {}
 
-    def fused(h, w):
-        return vespo_ext.linear_policy_loss(h, w, lab, old, adv, mask, cu_seqlens=cu, chunk_tokens=args.chunk_tokens)
+    def fused_with(chunk):
+        def f(h, w):
+            return vespo_ext.linear_policy_loss(h, w, lab, old, adv, mask, cu_seqlens=cu, chunk_tokens=chunk)
+        return f
+
+    fused = fused_with(args.chunk_tokens)
 
     def unfused(inplace):
         def f(h, w):
@@ -172,6 +177,16 @@ def build_variants(x):
     out["fused-linear"], out["matmul+op"], out["matmul+op-inplace"], out["eager"] = (
         fused, unfused(False), unfused(True), eager)
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for n in wanted:
+        if n.startswith("fused-linear@"):
+            tail = n[len("fused-linear@"):]
+            if not tail.isdigit() or int(tail) < 1:
+                sys.exit(f"--variants: {n!r} needs a positive chunk size after '@' (e.g. fused-linear@1024)")
+            out[n] = fused_with(int(tail))
+    unknown = [n for n in wanted if n not in out and n != "liger"]
+    if unknown:
+        sys.exit(f"--variants: unknown {', '.join(unknown)} (known: fused-linear[@N], matmul+op, matmul+op-inplace, "
+                 "eager, liger)")
     try:
         if "liger" not in wanted:
             raise LookupError("not asked for")

@@ -48,9 +48,11 @@
 #   tests           pytest tests -m "cuda and not slow": every CUDA case as [cuda] (v1) and [cuda-v2]
 #                   (the CPU ones run in CI; test_confident_rows.py ran above)          (80 / 150)
 #   memcheck        compute-sanitizer memcheck on tests/cuda_smoke.py --quick, v1 and v2 (no caching allocator) (50 / 120)
-#   linear          bench_linear_loss --device cuda (no eager variant: 60 GB, known)   (80 / 150)
+#   linear          bench_linear_loss --device cuda (no eager variant: 60 GB, known), the default chunk
+#                   (3533 tokens: 1.07 GB) and 1766 / 1324 / 883 (0.54 / 0.40 / 0.27 GB), for issue 13's
+#                   3 GB: the fp32 weight-gradient accumulator alone is 2.49 GB                (95 / 150)
 #   racecheck       compute-sanitizer racecheck on tests/cuda_smoke.py --quick, v1 and v2  (30 / 60)
-#   Sum of the estimates ~555 s: what runs out of budget is the end of the list (racecheck, then the tail of
+#   Sum of the estimates ~570 s: what runs out of budget is the end of the list (racecheck, then the tail of
 #   linear), logged as SKIPPED (budget). v2-mufu and v2-split differ from v2 only in the forward's
 #   exponential: smoke, bias and ab cover them; their test-suite and benchmark runs are opt-in (ALL_KERNELS=1).
 #
@@ -250,7 +252,8 @@ if [ -z "${SKIP_LINEAR:-}" ]; then
   LJSON=$RESULTS/linear_${GPU}_bf16.json
   # shellcheck disable=SC2086
   step linear 150 "$PY" benchmarks/bench_linear_loss.py --device cuda --T 32768 --H 4096 --V 151936 --dtype bf16 \
-    --variants fused-linear,matmul+op,matmul+op-inplace,liger --iters 5 --json "$LJSON" --note "run_gpu.sh" \
+    --variants fused-linear,fused-linear@1766,fused-linear@1324,fused-linear@883,matmul+op,matmul+op-inplace,liger \
+    --iters 5 --json "$LJSON" --note "run_gpu.sh" \
     ${LINEAR_ARGS:-}
   keep "$LJSON"
 fi
