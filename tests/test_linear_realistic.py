@@ -21,11 +21,12 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES, assert_grad_close, assert_loss_close
+from test_linear_loss import _rel_rows, make_linear
 
 import vespo_ext
+from vespo_ext import linear as _linear
 from vespo_ext import reference as R
-
-from conftest import assert_grad_close, assert_loss_close
 
 V, H, ROWS = 151936, 64, 128
 
@@ -116,3 +117,30 @@ def test_linear_policy_loss_2048_token_sequence_at_qwen_vocab(device):
 def test_linear_policy_loss_16384_token_sequence_at_qwen_vocab(device):
     """One 16384-token sequence (64 pieces): ~2 min on 2 cores, the float64 oracle most of it."""
     _check([16384], device, 5e-4)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_weight_gradient_on_gpu(device, dtype):
+    """The GPU's fp32 weight-gradient accumulation (linear._fp32_out_gemm: addmm, baddbmm or mm with an fp32 out) picked
+    and within the CPU test's budgets (test_linear_loss.test_low_precision_weight_gradient_realistic_vocab):
+    V = 151936, H = 64, 2 x 64 tokens with labels among 50 frequent tokens, 16 chunks; reference: the float64
+    gradient given the same dtype-rounded logits."""
+    assert _linear._fp32_out_gemm(device, dtype) in ("addmm", "baddbmm", "mm"), "no GEMM with an fp32 out on this GPU"
+    inp = make_linear([64, 64], H=64, V=V, dtype=dtype, bias=False, mask_p=0.95)
+    inp["labels"] = labels = inp["labels"] % 50
+    h64, w64 = inp["hidden"].double(), inp["weight"].double()
+    z = (h64 @ w64.T).to(dtype).double().requires_grad_(True)
+    with torch.no_grad():
+        inp["old_logp"] = (R.token_logprobs(z, labels) + 0.03 * torch.randn(labels.shape, dtype=torch.float64)).float()
+    ref_loss = R.policy_loss(z, labels, inp["old_logp"], inp["advantages"], inp["mask"], cu_seqlens=inp["cu_seqlens"])
+    (gz,) = torch.autograd.grad(ref_loss, z)
+    ref = gz.T @ h64
+    on = {k: v.to(device) for k, v in inp.items() if isinstance(v, torch.Tensor)}
+    w = on["weight"].clone().requires_grad_(True)
+    vespo_ext.linear_policy_loss(on["hidden"], w, on["labels"], on["old_logp"], on["advantages"], on["mask"],
+                                 cu_seqlens=on["cu_seqlens"], chunk_tokens=8).backward()
+    assert w.grad.dtype == dtype
+    frob, row = _rel_rows(w.grad.cpu(), ref)
+    assert frob <= 6e-3, frob
+    assert row <= (1.5e-2 if dtype == torch.bfloat16 else 2e-2), row

@@ -25,10 +25,11 @@ benchmarks/results/README.md). Larger chunks cost only memory.
 Peak extra memory of linear_policy_loss: one (chunk, V) buffer in the compute dtype (the gradient of a
 chunk's logits is written over it), the hidden and weight gradients, O(T) vectors. With a bf16/fp16
 weight the weight gradient is accumulated in fp32 ((V, H) fp32, converted at the end once the buffer is
-released): in the GEMM itself on CUDA (addmm with an fp32 out); on CPU, where torch has no mixed-dtype
-GEMM, slice by slice over V through reused temporaries of about 16 MiB in all (_Head._gw_lowp: the
-low-precision product of a slice where the CPU has AMX tiles for the dtype, else the chunk's gradient
-slice and hidden upcast to fp32), so no (V, H) temporary besides the accumulator.
+released): in the GEMM itself on CUDA (addmm/baddbmm with an fp32 out, _fp32_out_gemm); on CPU, where torch
+has no mixed-dtype GEMM, slice by slice over V through reused temporaries of about 16 MiB in all
+(_Head._gw_lowp: the low-precision product of a slice where the CPU has AMX tiles for the dtype, else
+the chunk's gradient slice and hidden upcast to fp32), so no (V, H) temporary besides the accumulator.
+At V=151936, H=4096 bf16 on CUDA the accumulator alone is 2.49 GB and the default buffer 1.07 GB.
 Measured (benchmarks/bench_linear_loss.py, issue 13's CPU config T=2048, H=512, V=32768, chunk 256):
 fp32 104.7 MB in all = 33.6 MB (the buffer and the O(T) vectors) + 71.3 MB of returned gradients;
 bf16 106.4 MB = the 16.8 MB buffer + the 67.1 MB fp32 accumulator + 16.8 MB of slice temporaries + the
@@ -55,8 +56,9 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
 _MIN_CHUNK_TOKENS = 256  # see the module docstring: fewer tokens per chunk and the dW GEMM dominates
 _DW_SLICE_BYTES = 16 << 20  # CPU, low-precision weight: the weight-gradient temporaries per V slice (_Head._gw_lowp)
+_DW_SLICE_BYTES_GPU = 64 << 20  # the same on a GPU whose torch can add into fp32 only via mm's fp32 out ("mm")
 _MIN_DW_SLICE = 64
-_MIXED_ADDMM = {"cuda": True}  # addmm with an fp32 out for bf16/fp16 inputs (aten::addmm.dtype_out); CPU has none
+_FP32_OUT_GEMM: dict = {}  # (device type, dtype) -> "addmm" | "baddbmm" | "mm" | None (_fp32_out_gemm)
 _CPU_DW_MODE: dict = {}
 _AGG_TOKEN_MEAN, _AGG_SEQ_SUM, _AGG_SEQ_MEAN, _AGG_SUM_NORM = (AGG_IDS[a] for a in (
     "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
@@ -75,6 +77,45 @@ def _cpu_dw_mode(dtype: torch.dtype) -> str:
         flag = {torch.bfloat16: "amx_bf16", torch.float16: "amx_fp16"}.get(dtype)
         mode = _CPU_DW_MODE[dtype] = "product" if flag and caps.get(flag, False) else "upcast"
     return mode
+
+
+def _fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Which of torch's GEMMs with bf16/fp16 inputs and an fp32 output this device runs, found once per (device
+    type, dtype) by a tiny self-check against the fp32 product (an exception or a wrong result rules one out):
+      * "addmm": aten::addmm.dtype_out with self = out = the fp32 accumulator: the GEMM accumulates into it
+        (beta = 1), no temporary. torch 2.11 allows an fp32 `self` ("self dtype must match either out_dtype
+        or mat1 dtype"); other releases with the overload want `self` in the inputs' dtype and refuse it.
+      * "baddbmm": aten::baddbmm.dtype_out on the (1, V, H) view of the accumulator: the same GEMM, and those
+        releases do not check its `self` dtype.
+      * "mm": aten::mm.dtype_out into an fp32 slice of at most _DW_SLICE_BYTES_GPU, then added.
+      * None: neither (torch's CPU backend has no mixed-dtype GEMM): _Head._gw_lowp's CPU modes."""
+    key = (device.type, dtype)
+    if key in _FP32_OUT_GEMM:
+        return _FP32_OUT_GEMM[key]
+    found = None
+    if device.type != "cpu":
+        gen = torch.Generator().manual_seed(0)
+        a, b, c = (torch.randn(shape, generator=gen) for shape in ((5, 3), (5, 4), (3, 4)))
+        want = c + a.to(dtype).float().t() @ b.to(dtype).float()  # the fp32 product of the same rounded inputs
+        a, b, c = a.to(device, dtype), b.to(device, dtype), c.to(device)
+        for name in ("addmm", "baddbmm", "mm"):
+            try:
+                acc = c.clone()
+                if name == "addmm":
+                    torch.addmm(acc, a.t(), b, out_dtype=torch.float32, out=acc)
+                elif name == "baddbmm":
+                    torch.baddbmm(acc[None], a.t()[None], b[None], out_dtype=torch.float32, out=acc[None])
+                else:
+                    tmp = torch.empty_like(acc)
+                    torch.mm(a.t(), b, out_dtype=torch.float32, out=tmp)
+                    acc.add_(tmp)
+                if torch.allclose(acc.cpu(), want, rtol=1e-5, atol=1e-5):
+                    found = name
+                    break
+            except (TypeError, RuntimeError, NotImplementedError):
+                continue
+    _FP32_OUT_GEMM[key] = found
+    return found
 
 
 def default_chunk_tokens(V: int, dtype: torch.dtype, device) -> int:
@@ -173,9 +214,10 @@ class _Head:
             self.gb.add_(torch.sum(g, 0, dtype=torch.float32))
 
     def _gw_lowp(self, g: Tensor, h: Tensor) -> None:
-        """gw (fp32, (V, H)) += g^T h for a low-precision chunk g (n, V), h (n, H): on CUDA one GEMM accumulating
-        in fp32 (addmm with an fp32 out); on CPU, where torch has no mixed-dtype GEMM, slice by slice over V's
-        rows through reused temporaries of at most _DW_SLICE_BYTES (no (V, H) temporary):
+        """gw (fp32, (V, H)) += g^T h for a low-precision chunk g (n, V), h (n, H): on a GPU one GEMM accumulating
+        in fp32 (addmm or baddbmm with an fp32 out; or mm with an fp32 out slice by slice: _fp32_out_gemm); on
+        CPU, where torch has no mixed-dtype GEMM, slice by slice over V's rows through reused temporaries of at
+        most _DW_SLICE_BYTES (no (V, H) temporary):
           * "product" (bf16 where the CPU has AMX-BF16, fp16 with AMX-FP16): the slice's product in the low
             precision (oneDNN's AMX GEMM accumulates in fp32 and rounds the (rows, H) result once), copied to
             fp32 and added: one rounding of each chunk's partial product, about one ulp of the result;
@@ -183,15 +225,24 @@ class _Head:
             fp32 addmm_ into gw: exact products, fp32 accumulation (as on CUDA).
         See benchmarks/results/ for the measured times of each against the former whole-(V, H) product."""
         gw = self.gw
-        kind = g.device.type
-        if _MIXED_ADDMM.get(kind, False):
-            try:
-                torch.addmm(gw, g.t(), h, out_dtype=torch.float32, out=gw)
-                return
-            except (TypeError, RuntimeError, NotImplementedError):
-                _MIXED_ADDMM[kind] = False
         V, H = gw.shape
         n = g.shape[0]
+        gpu = _fp32_out_gemm(g.device, g.dtype)
+        if gpu == "addmm":
+            torch.addmm(gw, g.t(), h, out_dtype=torch.float32, out=gw)
+            return
+        if gpu == "baddbmm":
+            torch.baddbmm(gw[None], g.t()[None], h[None], out_dtype=torch.float32, out=gw[None])
+            return
+        if gpu == "mm":
+            rows = max(_MIN_DW_SLICE, min(V, _DW_SLICE_BYTES_GPU // (H * 4)))
+            hi_buf = self.empty("gw_hi", (rows, H), torch.float32)
+            for a in range(0, V, rows):
+                b = min(a + rows, V)
+                hi = hi_buf[: b - a]
+                torch.mm(g[:, a:b].t(), h, out_dtype=torch.float32, out=hi)
+                gw[a:b].add_(hi)
+            return
         if _cpu_dw_mode(g.dtype) == "product":
             rows = max(_MIN_DW_SLICE, min(V, _DW_SLICE_BYTES // (H * (g.element_size() + 4))))
             lo_buf = self.empty("gw_lo", (rows, H), g.dtype)
