@@ -153,11 +153,14 @@ class Learner:
             return local
         import torch.distributed as dist
 
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local.contiguous())
+        # The collective runs on this rank's device: an NCCL process group (device cuda) has no backend for
+        # CPU tensors ("No backend type associated with device type cpu"), and `local` is a host tensor.
+        sent = local.to(self.device).contiguous()
+        parts = [torch.empty_like(sent) for _ in range(self.world)]
+        dist.all_gather(parts, sent)
         full = local.new_empty((n_mb * mb,) + tuple(local.shape[1:]))
         for r, part in enumerate(parts):
-            full[self._rank_rows(r, n_mb, mb)] = part
+            full[self._rank_rows(r, n_mb, mb)] = part.to(local.device)
         return full
 
     def _shard(self, n: int, rank: Optional[int] = None) -> range:
