@@ -233,6 +233,18 @@ def test_learner_gathers_rows_on_its_own_device(monkeypatch):
     assert full.tolist() == [0, 1, 10, 11, 2, 3, 12, 13]
 
 
+def test_learner_reads_the_loss_metrics_in_one_copy_as_float_would():
+    """_host_metrics (the metrics read after the step, not a float() per metric after each forward) gives the
+    floats float(v) gives, for float32 and float64 metrics, in the micro-batches' order."""
+    from vespo_trainer.learner.rank import _host_metrics
+
+    g = torch.Generator().manual_seed(0)
+    stats = [{"a": torch.randn((), generator=g), "b": torch.randn(4, generator=g).unbind(0)[2],
+              "n_seq": torch.tensor(3.0, dtype=torch.float64) / 7} for _ in range(3)]
+    want = [{k: float(v) for k, v in s.items()} for s in stats]
+    assert _host_metrics(stats) == want and _host_metrics([]) == []
+
+
 def test_train_metrics_report_the_rollout_mismatch_kl_once():
     """The engine-vs-learner token-mean KL is veRL's rollout_corr/kl (whole batch); the learner's own merged
     mismatch statistic is the mean |log-prob difference| only (rollout/mismatch_kl was the same number twice)."""
