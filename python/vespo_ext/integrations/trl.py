@@ -174,8 +174,9 @@ class FusedGRPOMixin:
         """TRL's per-token log-probs and entropies from the backbone's last hidden states and the head's
         weight (vespo_ext.linear_token_logprobs: no (B, T, V) logits), or None for TRL's own forward:
         fused_linear "false", a model whose logits are not lm_head(hidden) (integrations.hf.linear_head),
-        a DDP / FSDP-wrapped or ZeRO-3 model (hf.needs_wrapped_forward), multimodal inputs, or the MoE aux loss. Same values as TRL's (logits / temperature, log-softmax
-        at the completion tokens, entropy), differentiable in every parameter."""
+        a DDP / FSDP-wrapped or ZeRO-3 model (hf.needs_wrapped_forward), multimodal inputs, or the MoE aux
+        loss. Same values as TRL's (logits / temperature, log-softmax at the completion tokens, entropy),
+        differentiable in every parameter."""
         from . import hf
 
         if str(getattr(self, "fused_linear", "auto")).lower() == "false" or self.aux_loss_enabled or \
