@@ -222,7 +222,8 @@ def test_linear_bad_label_without_gradients_is_deferred_on_cuda(device, monkeypa
     calls = [  # (no input requires grad)
         lambda: vespo_ext.linear_token_logprobs(inp["hidden"], inp["weight"], labels, bias=inp["bias"], chunk_tokens=4),
         lambda: vespo_ext.linear_policy_loss(inp["hidden"], inp["weight"], labels, inp["old_logp"], inp["advantages"],
-                                             inp["mask"], bias=inp["bias"], cu_seqlens=inp["cu_seqlens"], chunk_tokens=4)]
+                                             inp["mask"], bias=inp["bias"], cu_seqlens=inp["cu_seqlens"],
+                                             chunk_tokens=4)]
     for call in calls:
         if device.type == "cpu":
             with pytest.raises(IndexError, match=r"labels\[9\] = 1000000"):
