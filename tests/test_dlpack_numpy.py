@@ -275,3 +275,24 @@ def test_cupy_raw_binding_and_dlpack_api():
     gc = api.backward(b["logits"], b["labels"], fc, mask=b["mask"])
     assert float(f["loss"][0]) == pytest.approx(float(fc["loss"][0]), rel=1e-5)
     assert_grad_close(torch.from_numpy(cp.asnumpy(grad)), torch.from_numpy(gc), 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and vespo_ext._cuda")
+def test_dlpack_api_on_torch_cuda_tensors_of_every_visible_gpu():
+    """dlpack_api on torch CUDA tensors (exported with stream -1, launched on torch's current stream), on each
+    visible GPU whatever the current device: torch exports a CUDA tensor only from its own device, and the
+    kernels launch on the current one, so the API makes the logits' device current."""
+    api = _dlpack_api()
+    b = np_batch([6, 3, 5], 129, seed=4)
+    fc = api.forward(b["logits"], b["labels"], b["old"], b["adv"], b["cu"], mask=b["mask"], rollout_is_weights=b["isw"])
+    gc = api.backward(b["logits"], b["labels"], fc, mask=b["mask"])
+    for i in range(torch.cuda.device_count()):
+        d = {k: (None if v is None else torch.from_numpy(v).to(f"cuda:{i}")) for k, v in b.items()}
+        with torch.cuda.device(0):
+            f = api.forward(d["logits"], d["labels"], d["old"], d["adv"], d["cu"].to(torch.int32), mask=d["mask"],
+                            rollout_is_weights=d["isw"])
+            grad = api.backward(d["logits"], d["labels"], f, mask=d["mask"])
+        assert grad.device == d["logits"].device and f["loss"].device == d["logits"].device
+        assert float(f["loss"][0]) == pytest.approx(float(fc["loss"][0]), rel=1e-5)
+        assert_grad_close(grad.cpu(), torch.from_numpy(gc), 1e-5)

@@ -78,6 +78,16 @@ def test_gpu_coverage_of_the_built_archs(cc, want):
     assert _doctor._runs_on(cc, "80-real;90-real;90-virtual").startswith(want)
 
 
+@pytest.mark.parametrize("cc,spec,want", [((9, 0), "90a-real", "sm_90a SASS"), ((9, 2), "90a-real", "NOT"),
+                                          ((9, 0), "90", "sm_90 SASS"), ((10, 0), "90", "PTX"),
+                                          ((10, 3), "100f-real", "sm_100f SASS"), ((9, 0), "native", "unknown"),
+                                          ((9, 0), "all-major", "unknown")])
+def test_gpu_coverage_of_other_cmake_arch_spellings(cc, spec, want):
+    """CMAKE_CUDA_ARCHITECTURES as a user may set it (arch-specific 90a, plain 90 = SASS + PTX, native): the
+    GPU lines of `python -m vespo_ext` must not crash on them (int("90a") did)."""
+    assert _doctor._runs_on(cc, spec).startswith(want)
+
+
 def test_cpu_isa_line(monkeypatch):
     core = pytest.importorskip("vespo_ext._core")
     monkeypatch.delenv("VESPO_CPU_ISA", raising=False)

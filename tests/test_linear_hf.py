@@ -104,6 +104,21 @@ def test_fused_linear_setting():
         hf.use_fused_linear("true", model)
 
 
+def test_wrapped_models_keep_their_forward():
+    """A DDP / FSDP wrapper (multi-GPU TRL via accelerate) or a ZeRO-3 head must take the model's own forward:
+    calling the backbone directly skips DDP's prepare_for_backward (no gradient all-reduce, replicas diverge)
+    or FSDP's / ZeRO-3's unsharding. Instances made without __init__: isinstance is what is checked."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model(False)
+    assert hf.needs_wrapped_forward(model, model) is False
+    for kind in (DistributedDataParallel, FullyShardedDataParallel):
+        assert hf.needs_wrapped_forward(kind.__new__(kind), model) is True
+    model.lm_head.weight.ds_id = 7  # what DeepSpeed's zero.Init puts on a ZeRO-3 parameter
+    assert hf.needs_wrapped_forward(model, model) is True
+
+
 def test_trainer_config_key():
     config = pytest.importorskip("vespo_trainer.config")
     assert config.load_config().actor.fused_linear == "auto"

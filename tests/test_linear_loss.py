@@ -198,6 +198,43 @@ def test_masked_out_of_range_labels_ignored_and_counted_ones_raise():
                                          cu_seqlens=bad["cu_seqlens"], chunk_tokens=4)
 
 
+def test_first_bad_row_is_the_first_flagged_piece():
+    """_first_bad_row (CUDA's deferred check of the per-piece flags, formed on the device) names the row the
+    host read of the flags (_raise_bad) names: the first flagged piece's, 1 + its token; 0 when none."""
+    from vespo_ext.linear import _first_bad_row
+
+    assert _first_bad_row(torch.tensor([0, 0, 3, 2], dtype=torch.int64), 4).tolist() == [8 + 3]
+    assert _first_bad_row(torch.tensor([1, 0, 5], dtype=torch.int64), 7).tolist() == [1]
+    assert _first_bad_row(torch.zeros(3, dtype=torch.int64), 4).tolist() == [0]
+
+
+def test_linear_bad_label_without_gradients_is_deferred_on_cuda(device, monkeypatch):
+    """No gradient: on CUDA the pieces' bad-label flags are not read in the forward (no host sync); the error
+    comes at check_errors() or the next op. On CPU it is immediate."""
+    from vespo_ext import ops
+
+    monkeypatch.setattr(ops, "_SYNC_CHECKS", False)
+    inp = make_linear([5, 3, 6], device=device)
+    labels = inp["labels"].clone()
+    labels[9] = 10**6
+    inp["mask"][9] = True
+
+    calls = [  # (no input requires grad)
+        lambda: vespo_ext.linear_token_logprobs(inp["hidden"], inp["weight"], labels, bias=inp["bias"], chunk_tokens=4),
+        lambda: vespo_ext.linear_policy_loss(inp["hidden"], inp["weight"], labels, inp["old_logp"], inp["advantages"],
+                                             inp["mask"], bias=inp["bias"], cu_seqlens=inp["cu_seqlens"],
+                                             chunk_tokens=4)]
+    for call in calls:
+        if device.type == "cpu":
+            with pytest.raises(IndexError, match=r"labels\[9\] = 1000000"):
+                call()
+            continue
+        call()  # returns: nothing read on the host
+        with pytest.raises(IndexError, match=r"labels\[9\] = 1000000"):
+            vespo_ext.check_errors()
+        vespo_ext.check_errors()  # reported once
+
+
 def test_without_bias_and_partial_requires_grad():
     inp = make_linear([5, 7], bias=False)
     check_lin(inp, chunk_tokens=5)

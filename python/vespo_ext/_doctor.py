@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import re
 import sys
 from typing import Callable, List, Tuple
 
@@ -58,16 +59,34 @@ def _cuda_archs(spec: str) -> str:
     return "; ".join(parts) or spec
 
 
+def _arch(entry: str):
+    """(number, suffix, kinds) of one CMake CUDA architecture ("90-real", "90a", "100f-virtual"; no suffix: SASS
+    and PTX); None for an entry that names no number ("native", "all", "all-major")."""
+    m = re.fullmatch(r"(\d+)([af]?)(?:-(real|virtual))?", entry.strip())
+    if m is None:
+        return None
+    return int(m.group(1)), m.group(2), {m.group(3)} if m.group(3) else {"real", "virtual"}
+
+
 def _runs_on(cc: Tuple[int, int], spec: str) -> str:
-    """How a GPU of compute capability `cc` runs the built archs (SASS runs on its own major version)."""
+    """How a GPU of compute capability `cc` runs the built archs (SASS runs on its own major version; an
+    arch-specific "a" build only on its own compute capability, a family "f" build on its major version)."""
     major, minor = cc
-    for a in spec.split(";"):
-        num, kind = a.split("-") if "-" in a else (a, "real")
-        n = int(num)
-        if kind == "real" and n // 10 == major and n % 10 <= minor:
-            return f"sm_{n} SASS"
-    ptx = [int(a.split("-")[0]) for a in spec.split(";") if a.endswith("-virtual")]
-    if any(p <= major * 10 + minor for p in ptx):
+    archs = [a for a in map(_arch, spec.split(";")) if a is not None]
+    if not archs:
+        return f"unknown (built for {spec!r})"
+
+    def fits(n: int, suffix: str, sass: bool) -> bool:
+        if suffix == "a":
+            return n == major * 10 + minor
+        if sass or suffix == "f":
+            return n // 10 == major and n % 10 <= minor
+        return n <= major * 10 + minor
+
+    for n, suffix, kinds in archs:
+        if "real" in kinds and fits(n, suffix, True):
+            return f"sm_{n}{suffix} SASS"
+    if any("virtual" in kinds and fits(n, suffix, False) for n, suffix, kinds in archs):
         return "PTX, JIT-compiled by the driver on first use"
     return "NOT SUPPORTED by the built archs"
 

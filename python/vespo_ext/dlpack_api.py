@@ -13,8 +13,10 @@ labels int64, cu_seqlens int64 or int32, old_logp/advantages/rollout_is_weights 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+from contextlib import nullcontext
 from typing import Any, Optional
 
 from ._spec import AGG_IDS, LOSS_IDS, METRIC_NAMES, resolve_loss
@@ -58,6 +60,29 @@ def _on_gpu(a) -> bool:
     return a.__dlpack_device__()[0] in (2, 13)
 
 
+def _device_of(a):
+    """A context that makes a GPU array's device the current one: the kernels launch on the current device
+    (the stream passed is that device's current stream), the outputs are allocated there (CuPy allocates on
+    the current device), and torch exports a CUDA tensor only from its own device ("Can't export tensors on a
+    different CUDA device index"). Nothing for host arrays or non-arrays (their TypeError comes later)."""
+    if not hasattr(a, "__dlpack_device__") or not _on_gpu(a):
+        return nullcontext()
+    root = type(a).__module__.split(".")[0]
+    if root == "torch":
+        return importlib.import_module("torch").cuda.device(a.device)
+    if root == "cupy":
+        return a.device  # a cupy.cuda.Device is a context manager
+    return nullcontext()
+
+
+def _on_logits_device(fn):
+    @functools.wraps(fn)
+    def run(logits, *args, **kwargs):
+        with _device_of(logits):
+            return fn(logits, *args, **kwargs)
+    return run
+
+
 def _module_and_stream(a):
     from . import _backend
 
@@ -84,6 +109,7 @@ def _empty(like, shape, dtype_name: str):
     return xp.empty(shape, dtype=dtype_name)
 
 
+@_on_logits_device
 def forward(logits, labels, old_logp, advantages, cu_seqlens, *, mask=None, rollout_is_weights=None,
             temperature: float = 1.0, loss: str = "vespo", agg: Optional[str] = None, norm=None,
             **params) -> dict:
@@ -136,6 +162,7 @@ def forward(logits, labels, old_logp, advantages, cu_seqlens, *, mask=None, roll
             "dlogp": dlogp, "row_max": row_max, "log_sum": log_sum, "temperature": temperature}
 
 
+@_on_logits_device
 def backward(logits, labels, fwd: dict, *, mask=None, grad_scale=None, out=None):
     """Gradient of the forward's loss w.r.t. the logits (times grad_scale, a (1,) float32 array).
     `out` may be a preallocated array, or the logits themselves for an in-place gradient."""

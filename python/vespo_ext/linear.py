@@ -299,8 +299,24 @@ def _plan(cu: list, chunk: int):
     return out
 
 
-def _raise_bad(bad: Tensor, starts: list, labels: Tensor, V: int, why: str) -> None:
+def _first_bad_row(bad: Tensor, step: int) -> Tensor:
+    """(1,) int64 on bad's device: 1 + the token of the first piece's flagged row (bad[k]: 1 + the row within
+    the piece that starts at k * step, 0 = none), 0 when none is flagged; no host sync."""
+    none = torch.iinfo(torch.int64).max
+    at = torch.arange(0, bad.numel() * step, step, dtype=torch.int64, device=bad.device)
+    first = torch.where(bad > 0, bad + at, none).amin().reshape(1)
+    return torch.where(first == none, 0, first)
+
+
+def _raise_bad(bad: Tensor, starts: list, labels: Tensor, V: int, why: str, step: int) -> None:
+    """Raise IndexError if a piece's forward flagged a bad label: bad[k] = 1 + the row within the piece that
+    starts at starts[k] = k * step (0 = none). On CPU (or VESPO_SYNC_CHECKS=1) read at once (one host sync per
+    call); on CUDA the first flagged row is formed on the device and checked later, as ops._raise_bad_label
+    does for the unfused ops (reading it here would stall the host until every chunk's GEMM has run)."""
     if bad.numel() == 0:
+        return
+    if bad.device.type == "cuda" and not ops._SYNC_CHECKS:
+        ops._raise_bad_label(_first_bad_row(bad, step), labels, V, why)
         return
     rows = bad.cpu().tolist()  # one host sync per call
     for k, r in enumerate(rows):
@@ -321,6 +337,7 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     dev = hidden.device
     f32 = {"dtype": torch.float32, "device": dev}
     need_grad = need_gh or need_gw or need_gb
+    ops._pending_label_errors()
     logp, lse, dlogp = torch.empty(T, **f32), torch.empty(T, **f32), torch.zeros(T, **f32)
     # the backward forms p from (row max, log-sum), shift-invariantly, as policy_loss does
     row_max, log_sum = (torch.empty(T, **f32), torch.empty(T, **f32)) if need_grad else (None, None)
@@ -373,7 +390,8 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
         per_token_adv = advantages.numel() != S
 
         def reduce(s, e, i0, i1):
-            cu = torch.tensor([c - s for c in cu_host[i0:i1 + 1]], dtype=torch.int64, device=dev)
+            # on the device: torch.tensor(list, device="cuda") is a pageable copy and syncs the stream per group
+            cu = cu_seqlens[i0:i1 + 1] - s
             adv = advantages[s:e] if per_token_adv else advantages[i0:i1]
             _, d, _ = ops.rows_seq_reduce(logp[s:e], old_logp[s:e], adv, None if mask is None else mask[s:e], cu,
                                           None if rollout_is_weights is None else rollout_is_weights[s:e], denom,
@@ -401,7 +419,9 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
     else:
         for s, e in pieces:
             fwd(s, e)
-    _raise_bad(bad, [s for s, _ in pieces], labels, V, "at a counted position (give such positions mask=0)")
+        # (with gradients every counted label was checked up front: the flags cannot be set, no sync to read them)
+        _raise_bad(bad, [s for s, _ in pieces], labels, V, "at a counted position (give such positions mask=0)",
+                   chunk_tokens)
     loss, _, metrics = ops.rows_seq_reduce(logp, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm,
                                            loss_type, params, agg, norm_len)
     return (loss, metrics) + head.grads()
@@ -461,6 +481,7 @@ def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
                            chunk_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     T, V = hidden.shape[0], weight.shape[0]
     f32 = {"dtype": torch.float32, "device": hidden.device}
+    ops._pending_label_errors()
     head = _Head(hidden, weight, bias, chunk_tokens, False, False, False)
     logp, lse, ent = torch.empty(T, **f32), torch.empty(T, **f32), torch.empty(T if with_entropy else 0, **f32)
     row_max, log_sum = torch.empty(T, **f32), torch.empty(T, **f32)
@@ -471,7 +492,7 @@ def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
         ops.rows_logprob_fwd(head.logits(s, e), labels[s:e], None, logp[s:e], lse[s:e],
                              ent[s:e] if with_entropy else None, bad[k:k + 1], inv_temperature, ignore_index,
                              row_max=row_max[s:e], log_sum=log_sum[s:e])
-    _raise_bad(bad, starts, labels, V, f"and is not ignore_index={ignore_index}")
+    _raise_bad(bad, starts, labels, V, f"and is not ignore_index={ignore_index}", chunk_tokens)
     return logp, row_max, log_sum, ent
 
 

@@ -207,6 +207,44 @@ def test_learner_row_shares_one_even_split_rule():
             call()
 
 
+def test_learner_gathers_rows_on_its_own_device(monkeypatch):
+    """Learner._gather_rows all-gathers on the rank's device: an NCCL group (cuda) has no backend for the host
+    tensors the recomputed old_logp are. Here device "meta" stands in for cuda; the fake collective checks it."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from vespo_trainer.learner.rank import Learner
+
+    seen = []
+
+    def fake_all_gather(parts, sent):
+        seen.append({t.device.type for t in parts + [sent]})
+        for r in range(len(parts)):  # rank r's 4 rows (2 per mini-batch), valued 10 r + row
+            parts[r] = torch.arange(4, dtype=torch.float32) + 10 * r
+
+    monkeypatch.setattr(dist, "all_gather", fake_all_gather)
+    me = SimpleNamespace(world=2, rank=0, device=torch.device("meta"))
+    me._shard = partial(Learner._shard, me)
+    me._rank_rows = partial(Learner._rank_rows, me)
+    full = Learner._gather_rows(me, torch.zeros(4), 2, 4)
+    assert seen == [{"meta"}] and full.device.type == "cpu"
+    assert full.tolist() == [0, 1, 10, 11, 2, 3, 12, 13]
+
+
+def test_learner_reads_the_loss_metrics_in_one_copy_as_float_would():
+    """_host_metrics (the metrics read after the step, not a float() per metric after each forward) gives the
+    floats float(v) gives, for float32 and float64 metrics, in the micro-batches' order."""
+    from vespo_trainer.learner.rank import _host_metrics
+
+    g = torch.Generator().manual_seed(0)
+    stats = [{"a": torch.randn((), generator=g), "b": torch.randn(4, generator=g).unbind(0)[2],
+              "n_seq": torch.tensor(3.0, dtype=torch.float64) / 7} for _ in range(3)]
+    want = [{k: float(v) for k, v in s.items()} for s in stats]
+    assert _host_metrics(stats) == want and _host_metrics([]) == []
+
+
 def test_train_metrics_report_the_rollout_mismatch_kl_once():
     """The engine-vs-learner token-mean KL is veRL's rollout_corr/kl (whole batch); the learner's own merged
     mismatch statistic is the mean |log-prob difference| only (rollout/mismatch_kl was the same number twice)."""

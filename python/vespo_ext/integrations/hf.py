@@ -59,6 +59,36 @@ def use_fused_linear(setting, model) -> bool:
     return head is not None and head[1].weight.shape[0] >= FUSED_LINEAR_MIN_VOCAB
 
 
+def _wrapper_types() -> tuple:
+    kinds = [torch.nn.parallel.DistributedDataParallel]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        kinds.append(FullyShardedDataParallel)
+    except ImportError:  # a torch without distributed
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard): the module itself is an instance
+        kinds.append(FSDPModule)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def needs_wrapped_forward(model, unwrapped=None) -> bool:
+    """Whether the fused path, which calls the backbone and reads the head's weight directly, would skip work
+    that `model`'s own forward does for the backward: DistributedDataParallel arms its gradient all-reduce in
+    forward (Reducer::prepare_for_backward; without it autograd_hook returns early, "if
+    (!expect_autograd_hooks_) return", and every rank trains its own replica), FSDP unshards the parameters
+    in forward, and a DeepSpeed ZeRO-3 parameter is a partitioned placeholder outside its module's forward.
+    Such a model must take its own logits forward."""
+    mods = [m for m in (model, unwrapped) if m is not None]
+    kinds = _wrapper_types()
+    if any(isinstance(m, kinds) for m in mods):
+        return True
+    head = linear_head(mods[-1])
+    return head is not None and any(hasattr(p, "ds_id") for p in head[1].parameters())
+
+
 def response_hidden(model, input_ids, attention_mask=None, L: int = 1, position_ids=None) -> torch.Tensor:
     """(B, L, H) last hidden states at the positions that predict the last L tokens of `input_ids`."""
     backbone, _ = linear_head(model)

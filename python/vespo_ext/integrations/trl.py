@@ -174,8 +174,9 @@ class FusedGRPOMixin:
         """TRL's per-token log-probs and entropies from the backbone's last hidden states and the head's
         weight (vespo_ext.linear_token_logprobs: no (B, T, V) logits), or None for TRL's own forward:
         fused_linear "false", a model whose logits are not lm_head(hidden) (integrations.hf.linear_head),
-        multimodal inputs, or the MoE aux loss. Same values as TRL's (logits / temperature, log-softmax
-        at the completion tokens, entropy), differentiable in every parameter."""
+        a DDP / FSDP-wrapped or ZeRO-3 model (hf.needs_wrapped_forward), multimodal inputs, or the MoE aux
+        loss. Same values as TRL's (logits / temperature, log-softmax at the completion tokens, entropy),
+        differentiable in every parameter."""
         from . import hf
 
         if str(getattr(self, "fused_linear", "auto")).lower() == "false" or self.aux_loss_enabled or \
@@ -184,6 +185,8 @@ class FusedGRPOMixin:
         unwrap = getattr(getattr(self, "accelerator", None), "unwrap_model", None)
         unwrapped = unwrap(model) if callable(unwrap) else model
         if not hf.use_fused_linear(getattr(self, "fused_linear", "auto"), unwrapped):
+            return None
+        if hf.needs_wrapped_forward(model, unwrapped):  # DDP / FSDP / ZeRO-3: the backward needs their forward
             return None
         backbone, head = hf.linear_head(unwrapped)
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

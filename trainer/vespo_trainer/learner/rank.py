@@ -37,6 +37,18 @@ from .metrics import finish_train_metrics, merge_loss_metrics, warmup_result
 from .normaliser import loss_normaliser
 
 
+def _host_metrics(stats: List[dict]) -> List[dict]:
+    """The micro-batches' metric dicts (0-d tensors) as floats, read in one device -> host copy once the
+    mini-batch's step is queued: a float() per metric right after each forward would make the host wait on
+    CUDA for that forward before it launches the backward. float64 holds every float32 value exactly, so
+    the floats are those float(v) gives."""
+    if not stats:
+        return []
+    names = list(stats[0])
+    flat = torch.stack([s[n].reshape(()).double() for s in stats for n in names]).tolist()
+    return [dict(zip(names, flat[i * len(names):(i + 1) * len(names)])) for i in range(len(stats))]
+
+
 class Learner:
     """One rank of the learner. World 1: ready after __init__. World W > 1: the ranks are created
     first, then `setup(master_addr, master_port)` runs on all of them at once (DeepSpeed's init is a
@@ -153,11 +165,14 @@ class Learner:
             return local
         import torch.distributed as dist
 
-        parts = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(parts, local.contiguous())
+        # The collective runs on this rank's device: an NCCL process group (device cuda) has no backend for
+        # CPU tensors ("No backend type associated with device type cpu"), and `local` is a host tensor.
+        sent = local.to(self.device).contiguous()
+        parts = [torch.empty_like(sent) for _ in range(self.world)]
+        dist.all_gather(parts, sent)
         full = local.new_empty((n_mb * mb,) + tuple(local.shape[1:]))
         for r, part in enumerate(parts):
-            full[self._rank_rows(r, n_mb, mb)] = part
+            full[self._rank_rows(r, n_mb, mb)] = part.to(local.device)
         return full
 
     def _shard(self, n: int, rank: Optional[int] = None) -> range:
@@ -259,7 +274,7 @@ class Learner:
 
             def pg_loss(c, norm=norms[k], stats=stats):  # this mini-batch's normaliser and statistics
                 loss, met = self.policy_loss(batch, c, old_logp, None if is_w is None else is_w[c], norm, L, mask)
-                stats.append({name: float(v) for name, v in met.items()})
+                stats.append({name: v.detach() for name, v in met.items()})  # read after the step: _host_metrics
                 return loss
 
             mb_loss = sum(self._accumulate(self._chunks(rows), pg_loss))
@@ -273,7 +288,7 @@ class Learner:
             self.version += 1
             gn = self.engine.get_global_grad_norm()
             minibatches.append({"loss": mb_loss, "grad_norm": None if gn is None else float(gn),
-                                "stats": merge_loss_metrics(stats)})
+                                "stats": merge_loss_metrics(_host_metrics(stats))})
         parts = {"minibatches": minibatches, "mismatch": mismatch, "rollout_corr": corr_metrics,
                  "version": self.version,
                  "lr": float(self.engine.get_lr()[0]), "seconds": time.perf_counter() - t0}
