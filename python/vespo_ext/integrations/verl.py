@@ -172,7 +172,7 @@ def _aggregation(loss_agg_mode: str, response_mask: torch.Tensor, config):
         horizon = float(response_mask.shape[-1] if scale is None else scale)
         if not _seq_norm_is_seq_mean:  # older veRL: sum over the batch / horizon
             return "seq-mean-token-sum-norm", horizon
-        if global_batch_size is None:  # local count of non-empty sequences, kept on device (no sync)
+        if global_batch_size is None:  # local count of non-empty sequences (check_norm reads it: one sync)
             n_seq = (response_mask.reshape(response_mask.shape[0], -1) != 0).any(-1).sum().clamp(min=1)
             return agg, n_seq.to(torch.float32) * horizon
         return agg, _as_norm(global_batch_size / dp_size * horizon, dev)
