@@ -199,8 +199,8 @@ def test_masked_out_of_range_labels_ignored_and_counted_ones_raise():
 
 
 def test_first_bad_row_is_the_first_flagged_piece():
-    """_first_bad_row (CUDA's deferred check of the per-piece flags, formed on the device) names the row the
-    host read of the flags (_raise_bad) names: the first flagged piece's, 1 + its token; 0 when none."""
+    """_first_bad_row (the per-piece flags reduced on their device, read at once on CPU and later on CUDA by
+    ops._raise_bad_label) names the first flagged piece's row: 1 + its token; 0 when none."""
     from vespo_ext.linear import _first_bad_row
 
     assert _first_bad_row(torch.tensor([0, 0, 3, 2], dtype=torch.int64), 4).tolist() == [8 + 3]

@@ -308,21 +308,12 @@ def _first_bad_row(bad: Tensor, step: int) -> Tensor:
     return torch.where(first == none, 0, first)
 
 
-def _raise_bad(bad: Tensor, starts: list, labels: Tensor, V: int, why: str, step: int) -> None:
-    """Raise IndexError if a piece's forward flagged a bad label: bad[k] = 1 + the row within the piece that
-    starts at starts[k] = k * step (0 = none). On CPU (or VESPO_SYNC_CHECKS=1) read at once (one host sync per
-    call); on CUDA the first flagged row is formed on the device and checked later, as ops._raise_bad_label
-    does for the unfused ops (reading it here would stall the host until every chunk's GEMM has run)."""
-    if bad.numel() == 0:
-        return
-    if bad.device.type == "cuda" and not ops._SYNC_CHECKS:
+def _raise_bad(bad: Tensor, step: int, labels: Tensor, V: int, why: str) -> None:
+    """Raise IndexError if a piece's forward flagged a bad label (bad[k] = 1 + the row within the piece that
+    starts at k * step, 0 = none), through ops._raise_bad_label as the unfused ops do: read at once on CPU (or
+    VESPO_SYNC_CHECKS=1), deferred on CUDA (reading here would stall the host until every chunk's GEMM has run)."""
+    if bad.numel():
         ops._raise_bad_label(_first_bad_row(bad, step), labels, V, why)
-        return
-    rows = bad.cpu().tolist()  # one host sync per call
-    for k, r in enumerate(rows):
-        if r:
-            t = starts[k] + r - 1
-            raise IndexError(f"labels[{t}] = {int(labels[t])} is outside [0, {V}) {why}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,8 +411,7 @@ def _linear_policy_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
         for s, e in pieces:
             fwd(s, e)
         # (with gradients every counted label was checked up front: the flags cannot be set, no sync to read them)
-        _raise_bad(bad, [s for s, _ in pieces], labels, V, "at a counted position (give such positions mask=0)",
-                   chunk_tokens)
+        _raise_bad(bad, chunk_tokens, labels, V, "at a counted position (give such positions mask=0)")
     loss, _, metrics = ops.rows_seq_reduce(logp, old_logp, advantages, mask, cu_seqlens, rollout_is_weights, norm,
                                            loss_type, params, agg, norm_len)
     return (loss, metrics) + head.grads()
@@ -492,7 +482,7 @@ def _linear_token_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
         ops.rows_logprob_fwd(head.logits(s, e), labels[s:e], None, logp[s:e], lse[s:e],
                              ent[s:e] if with_entropy else None, bad[k:k + 1], inv_temperature, ignore_index,
                              row_max=row_max[s:e], log_sum=log_sum[s:e])
-    _raise_bad(bad, starts, labels, V, f"and is not ignore_index={ignore_index}", chunk_tokens)
+    _raise_bad(bad, chunk_tokens, labels, V, f"and is not ignore_index={ignore_index}")
     return logp, row_max, log_sum, ent
 
 
